@@ -1,0 +1,829 @@
+"""The client: submit, map, gather, scatter, cancel.
+
+One background IO thread owns the ZeroMQ socket.  User threads hand it work
+through a deque and a wake-up pipe; it sends, receives and resolves futures.
+Results are decoded lazily in the thread that asks for them.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import TimeoutError as FuturesTimeout
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import zmq
+
+from . import protocol, serialize
+from .errors import BrokerError, BrokerUnreachable, ClientClosed, NoWorkersError, RemoteError
+from .futures import Encoded, Future, RemoteTraceback
+from .protocol import Kind, ProtocolError
+from .security import ConnectionInfo, read_connection_file, read_key_file, runtime_dir
+
+logger = logging.getLogger(__name__)
+
+#: A task whose payload exceeds this logs a warning suggesting ``client.scatter``.
+LARGE_PAYLOAD = 1 << 20
+#: A map batch is sized to take about this long on a worker.
+TARGET_BATCH_SECONDS = 0.05
+MAX_BATCH = 100_000
+
+
+# ----------------------------------------------------------------- scattered data
+_collecting = threading.local()
+
+
+class Ref:
+    """A reference to data scattered to the workers; tasks receive the object itself.
+
+    >>> table = client.scatter(big_table)      # sent once
+    >>> client.submit(lookup, table, "key")    # each task gets big_table
+    """
+
+    __slots__ = ("digest", "nbytes", "type_name")
+
+    def __init__(self, digest: bytes, nbytes: int, type_name: str) -> None:
+        self.digest = digest
+        self.nbytes = nbytes
+        self.type_name = type_name
+
+    def __reduce__(self):
+        refs = getattr(_collecting, "refs", None)
+        if refs is not None:
+            refs.append(self.digest)
+        from .worker import resolve_ref
+        return resolve_ref, (self.digest,)
+
+    def __repr__(self) -> str:
+        return f"<shoal.Ref {self.type_name} {self.nbytes} bytes {self.digest.hex()[:8]}>"
+
+
+def _collect_refs(pickle: Callable[[], Any]) -> tuple[Any, list]:
+    _collecting.refs = refs = []
+    try:
+        return pickle(), refs
+    finally:
+        _collecting.refs = None
+
+
+# ----------------------------------------------------------------- connection
+def resolve_connection(target: Any = None, key: Optional[bytes] = None,
+                       key_file: Optional[str] = None) -> ConnectionInfo:
+    """Turn what the user gave (address, connection file, nothing) into ConnectionInfo."""
+    if isinstance(target, ConnectionInfo):
+        return target
+    if target is None:
+        env = os.environ.get("SHOAL_CONNECTION_FILE")
+        if env:
+            return read_connection_file(env)
+        files = sorted(runtime_dir().glob("broker-*.json"), key=lambda p: p.stat().st_mtime)
+        if not files:
+            raise BrokerUnreachable(
+                "no broker to connect to: start one with shoal.Cluster() or `shoal cluster`, or "
+                "pass an address or connection file to Client()")
+        return read_connection_file(files[-1])
+    target = str(target)
+    if "://" not in target or Path(target).exists():
+        return read_connection_file(target)
+    if key is None and key_file is not None:
+        key = read_key_file(key_file)
+    if key is None:
+        # A broker on this host wrote its connection file in the runtime dir.
+        for path in runtime_dir().glob("broker-*.json"):
+            try:
+                info = read_connection_file(path)
+            except (OSError, ValueError):
+                continue
+            if info.address == target:
+                return info
+        raise ValueError(f"no key for {target}: pass key_file= (the broker's connection file) "
+                         "or the connection file itself")
+    if isinstance(key, str):
+        key = bytes.fromhex(key)
+    return ConnectionInfo(target, key)
+
+
+# ----------------------------------------------------------------- client
+class Client:
+    """A connection to a shoal broker.
+
+    >>> client = shoal.Client("tcp://10.0.0.5:5555", key_file="cluster.json")
+    >>> client = shoal.Client("cluster.json")     # a connection file
+    >>> client.submit(pow, 2, 10).result()
+    1024
+
+    ``timeout`` bounds the wait for the broker to answer; ``worker_timeout``
+    bounds how long tasks wait for a first worker before failing with
+    :class:`~shoal.NoWorkersError`.
+    """
+
+    def __init__(self, address: Any = None, key: Optional[bytes] = None,
+                 key_file: Optional[str] = None, timeout: float = 10.0,
+                 worker_timeout: float = 30.0) -> None:
+        self.info = resolve_connection(address, key, key_file)
+        self.address = self.info.address
+        self.worker_timeout = worker_timeout
+        self._key = self.info.key
+        self._host = serialize.host_id()
+        self._tids = itertools.count(1)
+        self._pending: dict[int, Any] = {}      # task id -> Future or map batch
+        self._segments: dict[int, list] = {}    # task id -> shared-memory segments it sent
+        self._commands: deque = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._woken = False
+        self._closed = False
+        self._sent_objects: set[bytes] = set()
+        self._warned_large: set[bytes] = set()
+        self._welcome = threading.Event()
+        self._status_waiters: deque = deque()
+        self.workers = 0
+        self.slots = 0
+        self.hosts: list = []
+        self._no_workers_since: Optional[float] = None
+        self._ctx = zmq.Context.instance()
+        self._thread = threading.Thread(target=self._io_loop, name="shoal-client-io", daemon=True)
+        self._thread.start()
+        self._post((Kind.CLIENT_HELLO,))
+        if not self._welcome.wait(timeout):
+            self.close()
+            raise BrokerUnreachable(
+                f"no shoal broker answered at {self.address} within {timeout:g} s. Check that "
+                "`shoal broker` (or a Cluster) is running, that the address matches, and that the "
+                "key is the broker's: messages signed with another key are dropped "
+                f"(the broker logs them). Connection files are in {runtime_dir()}.")
+        _set_current(self)
+
+    # ------------------------------------------------------------ public API
+    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a worker; return a :class:`shoal.Future`.
+
+        Raises :class:`~shoal.SerializationError` at once, naming the argument
+        or captured variable, if something cannot be pickled.
+        """
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable first, not {type(fn).__name__}")
+        fn_payload = serialize.dumps_function(fn)
+        fn_digest = serialize.digest(fn_payload)
+        (frames, meta), refs = _collect_refs(
+            lambda: serialize.dumps_call(fn, args, kwargs, shm=self._shm_ok))
+        if kwargs:
+            meta["kw"] = 1
+        tid = next(self._tids)
+        if "sb" in meta:
+            meta["h"] = self._host
+            self._segments[tid] = serialize.segment_names(meta)
+        self._warn_if_large(fn, fn_digest, frames, meta)
+        future = Future(tid, self)
+        self._pending[tid] = future
+        self._post((Kind.SUBMIT, tid, fn_digest, fn_payload, refs, frames, meta))
+        return future
+
+    def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
+            timeout: Optional[float] = None) -> "MapResult":
+        """Apply ``fn`` to every item (several iterables are zipped, like ``map``).
+
+        Items go in batches sized from measured task time unless ``batch_size``
+        is given.  Any iterable works, generators included; it is consumed as
+        workers free up.  Iterate the result for values in input order.
+        """
+        self._check_open()
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        return MapResult(self, fn, iterables, batch_size, timeout)
+
+    def gather(self, futures: Iterable[Any], timeout: Optional[float] = None) -> list:
+        """Results of ``futures`` (a list, or a MapResult) in order; raises the first error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if isinstance(futures, MapResult):
+            return futures.result(timeout)
+        out = []
+        for f in futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out.append(f.result(remaining) if hasattr(f, "result") else f)
+        return out
+
+    def scatter(self, obj: Any) -> Ref:
+        """Send ``obj`` to the workers once; return a :class:`Ref` to pass to tasks."""
+        self._check_open()
+        try:
+            frames, _ = serialize.dumps(obj)
+        except Exception as exc:
+            raise serialize.SerializationError(
+                f"cannot scatter object of type {type(obj).__qualname__}: {exc}") from exc
+        digest = serialize.digest(frames[0] + b"".join(bytes(memoryview(f)[:64]) for f in frames[1:])
+                                  + str([memoryview(f).nbytes for f in frames]).encode())
+        ref = Ref(digest, serialize.nbytes(frames), type(obj).__qualname__)
+        self._post((Kind.SCATTER, digest, frames))
+        return ref
+
+    def executor(self) -> "Executor":
+        """A :class:`concurrent.futures.Executor` running on this cluster."""
+        return Executor(self)
+
+    def status(self, timeout: float = 10.0) -> dict:
+        """The broker's view: workers, slots, queued/running/done counts."""
+        self._check_open()
+        waiter = Future("status")
+        self._status_waiters.append(waiter)
+        self._post((Kind.STATUS,))
+        return waiter.result(timeout)
+
+    def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
+        """Block until at least ``n`` workers are registered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.status(timeout=max(0.1, deadline - time.monotonic()))
+            if state["workers"] >= n:
+                return
+            if time.monotonic() >= deadline:
+                raise NoWorkersError(f"{state['workers']} of {n} workers registered with "
+                                     f"{self.address} after {timeout:g} s")
+            time.sleep(0.02)  # polling the broker with a deadline, not synchronising
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        """Cancel several futures with one message."""
+        keys = [f.key for f in futures if cf_cancel(f)]
+        self._cancel_keys(keys)
+
+    def close(self) -> None:
+        """Disconnect; pending futures fail with :class:`~shoal.ClientClosed`.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._post(("close",))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for tid in list(self._pending):
+            self._fail(tid, ClientClosed("the client was closed before the task finished"))
+        for names in self._segments.values():
+            for name in names:
+                serialize.segments.unlink(name)
+        self._segments.clear()
+        if _current() is self:
+            _set_current(None)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.workers} workers, {self.slots} slots"
+        return f"<shoal.Client {self.address} {state}>"
+
+    # ------------------------------------------------------------ internals
+    @property
+    def _shm_ok(self) -> bool:
+        return self._host in self.hosts and serialize.shm_available()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("this client is closed; create a new one")
+
+    def _warn_if_large(self, fn, digest: bytes, frames: list, meta: dict) -> None:
+        size = serialize.nbytes(frames) + sum(p[3] for p in meta.get("sb", ()))
+        if size > LARGE_PAYLOAD and digest not in self._warned_large:
+            self._warned_large.add(digest)
+            logger.warning(
+                "a task of %s carries %.1f MiB of arguments; if tasks share this data, send it "
+                "once with ref = client.scatter(obj) and pass ref instead",
+                serialize.fn_name(fn), size / 2**20)
+
+    def _post(self, command: tuple) -> None:
+        self._commands.append(command)
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def _cancel_keys(self, keys: list) -> None:
+        if keys and not self._closed:
+            self._post((Kind.CANCEL, keys))
+
+    def _fail(self, tid: int, exc: BaseException) -> None:
+        target = self._pending.pop(tid, None)
+        if target is not None and not target.done():
+            target.set_exception(exc)
+
+    # ------------------------------------------------------------ IO thread
+    def _io_loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.info.local_address())
+        self._sock = sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                for s, _ in poller.poll(250):
+                    if s is sock:
+                        self._receive(sock)
+                if not self._run_commands(sock):
+                    break
+                self._check_workers(sock)
+        except Exception:  # the IO thread must never die silently
+            logger.exception("shoal client IO thread failed")
+            for tid in list(self._pending):
+                self._fail(tid, ClientClosed("the client's IO thread failed; see the log"))
+        finally:
+            sock.close(linger=500)
+
+    def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
+        sock.send_multipart(protocol.encode(self._key, kind, fields, frames), copy=False)
+
+    def _run_commands(self, sock) -> bool:
+        try:
+            os.read(self._wake_r, 4096)
+        except (BlockingIOError, OSError):
+            pass
+        self._woken = False
+        commands = self._commands
+        entries, unit_frames, objects, object_frames = [], [], [], []
+        while commands:
+            cmd = commands.popleft()
+            kind = cmd[0]
+            if kind == Kind.SUBMIT:
+                _, tid, fn_digest, fn_payload, refs, frames, meta = cmd
+                if fn_digest not in self._sent_objects:
+                    self._sent_objects.add(fn_digest)
+                    objects.append([fn_digest, 1])
+                    object_frames.append(fn_payload)
+                entries.append([tid, [fn_digest, *refs], len(frames), meta])
+                unit_frames.extend(frames)
+                if len(entries) >= 2048:
+                    self._flush_submit(sock, entries, objects, object_frames + unit_frames)
+                    entries, unit_frames, objects, object_frames = [], [], [], []
+            elif kind == Kind.SCATTER:
+                _, digest, frames = cmd
+                if digest not in self._sent_objects:
+                    self._sent_objects.add(digest)
+                    self._send(sock, Kind.SCATTER, {"ob": [[digest, len(frames)]]}, frames)
+            elif kind == Kind.CANCEL:
+                self._send(sock, Kind.CANCEL, {"t": cmd[1]})
+            elif kind in (Kind.STATUS, Kind.CLIENT_HELLO):
+                self._send(sock, kind)
+            elif kind == "close":
+                if entries:
+                    self._flush_submit(sock, entries, objects, object_frames + unit_frames)
+                self._send(sock, Kind.CLIENT_BYE)
+                return False
+        if entries:
+            self._flush_submit(sock, entries, objects, object_frames + unit_frames)
+        return True
+
+    def _flush_submit(self, sock, entries, objects, frames) -> None:
+        fields = {"u": entries}
+        if objects:
+            fields["ob"] = objects
+        self._send(sock, Kind.SUBMIT, fields, frames)
+
+    def _receive(self, sock) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(self._key, frames)
+            except ProtocolError as exc:
+                logger.warning("dropped a message from the broker: %s", exc)
+                continue
+            kind = msg.kind
+            if kind == Kind.RESULTS:
+                self._on_results(msg)
+            elif kind == Kind.CANCELLED:
+                for tid in msg.header["t"]:
+                    self._release(tid)
+            elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
+                self._learn(msg.header)
+                if kind == Kind.WELCOME:
+                    self._welcome.set()
+                elif self._status_waiters:
+                    waiter = self._status_waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(msg.header)
+            elif kind == Kind.ERROR:
+                text = msg.header.get("msg", "unknown error")
+                logger.error("broker: %s", text)
+                for tid in msg.header.get("t", ()):
+                    self._fail(tid, BrokerError(text))
+
+    def _learn(self, header: dict) -> None:
+        self.workers = header.get("workers", 0)
+        self.slots = header.get("slots", 0)
+        self.hosts = header.get("hosts", [])
+        if self.workers:
+            self._no_workers_since = None
+
+    def _check_workers(self, sock) -> None:
+        """Fail pending tasks if no worker has joined within ``worker_timeout``."""
+        if self.workers or not self._pending:
+            self._no_workers_since = None
+            return
+        now = time.monotonic()
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+            self._send(sock, Kind.STATUS)
+            return
+        if now - self._no_workers_since > self.worker_timeout:
+            error = NoWorkersError(
+                f"no worker joined the broker at {self.address} within {self.worker_timeout:g} s. "
+                f"Start one with `shoal worker {self.address}` (or shoal.Cluster), check that it "
+                "was given this broker's address and connection file, and see its log "
+                f"(local clusters log to {runtime_dir()}).")
+            for tid in list(self._pending):
+                self._fail(tid, error)
+            self._no_workers_since = None
+        else:
+            self._send(sock, Kind.STATUS)  # learn when the first worker joins
+
+    def _release(self, tid: int) -> None:
+        self._pending.pop(tid, None)
+        for name in self._segments.pop(tid, ()):
+            serialize.segments.unlink(name)
+
+    def _on_results(self, msg: protocol.Message) -> None:
+        frames = msg.frames
+        pos = 0
+        for tid, status, n, meta in msg.header["r"]:
+            part = frames[pos:pos + n]
+            pos += n
+            target = self._pending.pop(tid, None)
+            for name in self._segments.pop(tid, ()):
+                serialize.segments.unlink(name)
+            if target is None:
+                continue
+            target.worker = meta.get("w")
+            if "o" in meta:
+                target.stdout = meta["o"]
+            if "e" in meta:
+                target.stderr = meta["e"]
+            if isinstance(target, _Batch):
+                target.map.observe(meta)
+            if target.done():  # cancelled meanwhile
+                continue
+            if status == "ok":
+                target.set_result(Encoded(_decoder(part, meta)))
+            else:
+                target.set_exception(decode_exception(part, meta.get("w", "")))
+
+
+def cf_cancel(future) -> bool:
+    """Mark a future cancelled locally without messaging (the caller batches that)."""
+    import concurrent.futures as cf
+    return cf.Future.cancel(future)
+
+
+def _decoder(frames: list, meta: dict) -> Callable[[], Any]:
+    def decode():
+        try:
+            return serialize.loads(frames, meta)
+        finally:
+            for name in serialize.segment_names(meta):
+                if name not in serialize.segments.created:
+                    serialize.segments.unlink(name)  # the worker's segment; mapped now
+    return decode
+
+
+def decode_exception(frames: list, worker: str) -> BaseException:
+    """The exception a worker sent, with its remote traceback as ``__cause__``."""
+    try:
+        exc, tb_text = serialize.loads(frames)
+    except Exception as err:
+        return RemoteError("UndecodableError", f"the task failed on {worker} and its exception "
+                           f"could not be unpickled here: {err}")
+    return attach_traceback(exc, tb_text, worker)
+
+
+def attach_traceback(exc: BaseException, tb_text: str, worker: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(tb_text, worker)
+    return exc
+
+
+# ----------------------------------------------------------------- map
+class _Batch(Future):
+    """One batch of a map on the wire; its result is ``(values, errors)``."""
+
+    def __init__(self, key, client, mapresult: "MapResult", start: int, count: int) -> None:
+        super().__init__(key, client)
+        self.map = mapresult
+        self.start = start
+        self.count = count
+
+
+class MapResult:
+    """The results of :meth:`Client.map`, iterable in input order as they arrive.
+
+    >>> res = client.map(f, range(100))
+    >>> for value in res: ...        # in input order; a failed item raises here
+    >>> res.result()                 # all values as a list
+    >>> res.futures                  # one Future per item
+    """
+
+    def __init__(self, client: Client, fn: Callable, iterables: tuple,
+                 batch_size: Optional[int], timeout: Optional[float]) -> None:
+        self.client = client
+        self.fn = fn
+        self.timeout = timeout
+        self._star = len(iterables) > 1
+        self._iter = iter(zip(*iterables)) if self._star else iter(iterables[0])
+        try:
+            self.total: Optional[int] = min(len(it) for it in iterables)  # type: ignore[arg-type]
+        except TypeError:
+            self.total = None
+        self._fixed_batch = batch_size
+        self._batches: list[_Batch] = []
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._submitted = 0
+        self._exhausted = False
+        self._feed_error: Optional[BaseException] = None
+        self._cancelled = False
+        self._per_item: Optional[float] = None
+        self._item_futures: Optional[list] = None
+        self.done_count = 0
+        self.failed_count = 0
+        self.started = time.monotonic()
+        self._fn_payload = serialize.dumps_function(fn)
+        self._fn_digest = serialize.digest(self._fn_payload)
+        self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
+        self._feeder.start()
+
+    # -- feeding (its own thread, so a slow generator never blocks the IO thread)
+    def _window(self) -> int:
+        return 2 * max(1, self.client.slots) + 2
+
+    def _next_size(self) -> int:
+        if self._fixed_batch:
+            return self._fixed_batch
+        slots = max(1, self.client.slots)
+        if self._per_item is None:
+            return 1  # a probe: measure before sending more
+        size = int(TARGET_BATCH_SECONDS / max(self._per_item, 1e-7))
+        if self.total is not None:
+            size = min(size, -(-(self.total - self._submitted) // (2 * slots)))
+        return max(1, min(size, MAX_BATCH))
+
+    def _feed(self) -> None:
+        client = self.client
+        try:
+            while True:
+                with self._cond:
+                    while not self._cancelled and (
+                            self._in_flight >= self._window()
+                            or (self._per_item is None and self._in_flight > 0
+                                and not self._fixed_batch)):
+                        self._cond.wait(0.5)
+                    if self._cancelled or client._closed:
+                        return
+                    size = self._next_size()
+                items = list(itertools.islice(self._iter, size))
+                if not items:
+                    return
+                self._send_batch(items)
+                if len(items) < size:
+                    return
+        except BaseException as exc:  # a failing generator or an unpicklable item
+            self._feed_error = exc
+        finally:
+            with self._cond:
+                self._exhausted = True
+                self._cond.notify_all()
+
+    def _send_batch(self, items: list) -> None:
+        client = self.client
+        start = self._submitted
+        try:
+            (frames, meta), refs = _collect_refs(lambda: serialize.dumps(items, shm=client._shm_ok))
+        except Exception as exc:
+            for i, item in enumerate(items):
+                detail = serialize.explain_call(self.fn, item if self._star else (item,), {})
+                if detail:
+                    raise serialize.SerializationError(
+                        f"cannot send item {start + i} of map over {serialize.fn_name(self.fn)!r}: "
+                        f"{detail}") from exc
+            raise
+        meta["m"] = 2 if self._star else 1
+        meta["n"] = len(items)
+        tid = next(client._tids)
+        if "sb" in meta:
+            meta["h"] = client._host
+            client._segments[tid] = serialize.segment_names(meta)
+        batch = _Batch(tid, client, self, start, len(items))
+        batch.add_done_callback(self._batch_done)
+        with self._cond:
+            self._batches.append(batch)
+            self._submitted += len(items)
+            self._in_flight += 1
+            self._cond.notify_all()
+        client._pending[tid] = batch
+        client._post((Kind.SUBMIT, tid, self._fn_digest, self._fn_payload, refs, frames, meta))
+
+    def observe(self, meta: dict) -> None:
+        """Learn per-item time from a finished batch (IO thread)."""
+        t, n = meta.get("t"), meta.get("n", 1)
+        if t is not None:
+            per = t / max(1, n)
+            self._per_item = per if self._per_item is None else 0.5 * self._per_item + 0.5 * per
+
+    def _batch_done(self, batch: _Batch) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if batch.cancelled():
+                pass
+            elif batch.exception() is not None:
+                self.failed_count += batch.count
+            else:
+                self.done_count += batch.count
+            self._cond.notify_all()
+
+    # -- results
+    def _batch_at(self, index: int, deadline: Optional[float]) -> Optional[_Batch]:
+        with self._cond:
+            while index >= len(self._batches):
+                if self._exhausted:
+                    if self._feed_error is not None:
+                        raise self._feed_error
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise FuturesTimeout(f"map item {self._submitted} not sent within the timeout")
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return self._batches[index]
+
+    def _batch_values(self, batch: _Batch, deadline: Optional[float]) -> tuple:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return batch.result(remaining)
+
+    def __iter__(self) -> Iterator[Any]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        index = 0
+        while True:
+            batch = self._batch_at(index, deadline)
+            if batch is None:
+                return
+            values, errors = self._batch_values(batch, deadline)
+            if errors:
+                for i, value in enumerate(values):
+                    if i in errors:
+                        exc, tb_text = errors[i]
+                        raise attach_traceback(exc, tb_text, batch.worker or "")
+                    yield value
+            else:
+                yield from values
+            index += 1
+
+    def result(self, timeout: Optional[float] = None) -> list:
+        """All values as a list, in input order; raises the first failed item's error."""
+        if timeout is not None:
+            saved, self.timeout = self.timeout, timeout
+            try:
+                return list(self)
+            finally:
+                self.timeout = saved
+        return list(self)
+
+    @property
+    def futures(self) -> list:
+        """One :class:`Future` per item (waits until the whole input has been sent)."""
+        with self._cond:
+            while not self._exhausted:
+                self._cond.wait(1.0)
+            if self._item_futures is None:
+                self._item_futures = []
+                for batch in self._batches:
+                    items = [Future((batch.key, i), self.client) for i in range(batch.count)]
+                    self._item_futures.extend(items)
+                    batch.add_done_callback(lambda b, items=items: _settle_items(b, items))
+            return list(self._item_futures)
+
+    def cancel(self) -> None:
+        """Stop sending items and cancel every batch not yet finished."""
+        with self._cond:
+            self._cancelled = True
+            batches = list(self._batches)
+            self._cond.notify_all()
+        self.client.cancel([b for b in batches if not b.done()])
+
+    def done(self) -> bool:
+        with self._cond:
+            return self._exhausted and all(b.done() for b in self._batches)
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("this map's input has no length (a generator); iterate it instead")
+        return self.total
+
+    def __repr__(self) -> str:
+        total = "?" if self.total is None else self.total
+        return (f"<shoal.MapResult {serialize.fn_name(self.fn)} {self.done_count}/{total} done"
+                f"{f', {self.failed_count} failed' if self.failed_count else ''}>")
+
+
+def _settle_items(batch: _Batch, items: list) -> None:
+    if batch.cancelled():
+        for f in items:
+            f.cancel()
+        return
+    exc = batch.exception()
+    if exc is not None:
+        for f in items:
+            f.set_exception(exc)
+        return
+    values, errors = batch.result()
+    for i, f in enumerate(items):
+        f.worker = batch.worker
+        if i in errors:
+            e, tb_text = errors[i]
+            f.set_exception(attach_traceback(e, tb_text, batch.worker or ""))
+        else:
+            f.set_result(values[i])
+
+
+# ----------------------------------------------------------------- executor
+class Executor:
+    """A :class:`concurrent.futures.Executor` over a shoal client.
+
+    Code written for ``ProcessPoolExecutor`` runs unchanged::
+
+        with client.executor() as ex:
+            list(ex.map(f, range(10), timeout=30))
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._futures: "weakref.WeakSet[Future]" = weakref.WeakSet()
+        self._shutdown = False
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = self.client.submit(fn, *args, **kwargs)
+            self._futures.add(future)
+            return future
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        result = self.client.map(fn, *iterables, batch_size=chunksize if chunksize > 1 else None,
+                                 timeout=timeout)
+        self._futures.update(result._batches)
+        return iter(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            pending = [f for f in list(self._futures) if not f.done()]
+        if cancel_futures:
+            self.client.cancel(pending)
+        if wait:
+            import concurrent.futures as cf
+            cf.wait(pending)
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------- current client
+_current_client: Optional["weakref.ref[Client]"] = None
+
+
+def _set_current(client: Optional[Client]) -> None:
+    global _current_client
+    _current_client = weakref.ref(client) if client is not None else None
+
+
+def _current() -> Optional[Client]:
+    return _current_client() if _current_client is not None else None
+
+
+def get_client() -> Client:
+    """The most recently created open client; raise if there is none."""
+    client = _current()
+    if client is None or client._closed:
+        raise ValueError("no shoal client: create one with shoal.Client(...) or shoal.Cluster().client()")
+    return client

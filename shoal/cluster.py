@@ -1,0 +1,216 @@
+"""A local cluster: a broker and workers as child processes of this one.
+
+Children are started in their own session (a Ctrl-C in the terminal reaches
+only this process, which then stops them in order) and watch this process:
+if it dies, even by SIGKILL, they exit within about a second.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Optional
+
+from .client import Client
+from .security import read_connection_file, runtime_dir
+
+logger = logging.getLogger(__name__)
+
+_live: "weakref.WeakSet[Cluster]" = weakref.WeakSet()
+
+
+def _python_command(module: str, *args: str) -> list:
+    return [sys.executable, "-m", module, *args]
+
+
+class ClusterError(RuntimeError):
+    """A local cluster could not start; the message says which process and where its log is."""
+
+
+class Cluster:
+    """A broker and ``n_workers`` local worker processes, ready on return.
+
+    >>> with shoal.Cluster(n_workers=4) as cluster:
+    ...     client = cluster.client()
+    ...     client.submit(pow, 2, 10).result()
+    1024
+
+    ``n_workers`` defaults to one per CPU core.  ``cluster.address`` and
+    ``cluster.connection_file`` tell remote workers where to join.
+    """
+
+    def __init__(self, n_workers: Optional[int] = None, slots: int = 1,
+                 listen: str = "127.0.0.1:0", timeout: float = 30.0,
+                 log_level: str = "INFO") -> None:
+        if n_workers is None:
+            n_workers = os.cpu_count() or 1
+        if n_workers < 0:
+            raise ValueError(f"n_workers must be 0 or more, not {n_workers}")
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, not {slots}")
+        self.slots = slots
+        self.timeout = timeout
+        self.log_level = log_level
+        self.log_dir = runtime_dir() / f"cluster-{os.getpid()}-{id(self):x}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._workers: list[subprocess.Popen] = []
+        self._clients: list[Client] = []
+        self._closed = False
+        self._lock = threading.RLock()
+        self._worker_seq = 0
+        self.broker: Optional[subprocess.Popen] = None
+        _live.add(self)
+        try:
+            self._start_broker(listen)
+            self._client = Client(self.connection_file, timeout=timeout)
+            self.scale(n_workers)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ processes
+    def _log(self, name: str):
+        return open(self.log_dir / f"{name}.log", "ab")
+
+    def _start_broker(self, listen: str) -> None:
+        path = self.log_dir / "connection.json"
+        with self._log("broker") as log:
+            self.broker = subprocess.Popen(
+                _python_command("shoal.broker", "--listen", listen, "--connection-file", str(path),
+                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level),
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        line = _read_line(self.broker, self.timeout)
+        if not line.startswith("SHOAL-BROKER "):
+            raise ClusterError(f"the broker did not start (exit code {self.broker.poll()}); "
+                               f"see {self.log_dir / 'broker.log'}")
+        _, self.address, self.connection_file = line.split()
+        self.info = read_connection_file(self.connection_file)
+
+    def _start_worker(self) -> subprocess.Popen:
+        self._worker_seq += 1
+        name = f"local-{self._worker_seq}"
+        with self._log(name) as log:
+            return subprocess.Popen(
+                _python_command("shoal.worker", "--connection-file", self.connection_file,
+                                "--slots", str(self.slots), "--name", name,
+                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level),
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def scale(self, n: int) -> None:
+        """Grow or shrink to ``n`` local workers; returns once the broker sees them."""
+        if n < 0:
+            raise ValueError(f"cannot scale to {n} workers")
+        with self._lock:
+            self._check_open()
+            self._workers = [p for p in self._workers if p.poll() is None]
+            while len(self._workers) < n:
+                self._workers.append(self._start_worker())
+            surplus = self._workers[n:]
+            self._workers = self._workers[:n]
+            for proc in surplus:
+                proc.terminate()
+            _reap(surplus, 5.0)
+            self._wait_for(n)
+
+    def _wait_for(self, n: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            state = self._client.status(timeout=max(0.1, deadline - time.monotonic()))
+            if state["workers"] == n:
+                return
+            dead = [p for p in self._workers if p.poll() is not None]
+            if dead:
+                raise ClusterError(f"a local worker exited with code {dead[0].returncode} while "
+                                   f"starting; see the logs in {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{state['workers']} of {n} workers registered within "
+                                   f"{self.timeout:g} s; see the logs in {self.log_dir}")
+            time.sleep(0.01)  # polling the broker with a deadline
+
+    # ------------------------------------------------------------ public
+    def client(self, **kwargs) -> Client:
+        """A new :class:`Client` connected to this cluster (closed with it)."""
+        self._check_open()
+        client = Client(self.connection_file, **kwargs)
+        self._clients.append(client)
+        return client
+
+    @property
+    def workers(self) -> list:
+        """The running local worker processes."""
+        return [p for p in self._workers if p.poll() is None]
+
+    def status(self) -> dict:
+        return self._client.status()
+
+    def close(self) -> None:
+        """Stop the workers and the broker; safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for client in self._clients + [getattr(self, "_client", None)]:
+            if client is not None:
+                client.close()
+        procs = list(self._workers) + ([self.broker] if self.broker else [])
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        _reap(procs, 5.0)
+        if self.broker is not None and self.broker.stdout:
+            self.broker.stdout.close()
+        _live.discard(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this cluster is closed")
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.workers)} workers"
+        return f"<shoal.Cluster {getattr(self, 'address', '?')} {state}>"
+
+    def _repr_html_(self) -> str:
+        return (f"<b>shoal.Cluster</b> at <code>{getattr(self, 'address', '?')}</code>: "
+                f"{len(self.workers)} workers, {self.slots} slot(s) each")
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The child's first stdout line, or '' if it exits or stays silent past ``timeout``."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            return ""
+        return proc.stdout.readline().decode(errors="replace").strip()
+    finally:
+        sel.close()
+
+
+def _reap(procs: list, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@atexit.register
+def _close_all() -> None:
+    for cluster in list(_live):
+        cluster.close()

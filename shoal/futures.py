@@ -1,0 +1,120 @@
+"""Futures: ``shoal.Future`` extends :class:`concurrent.futures.Future`.
+
+A shoal future is a stdlib future, so ``concurrent.futures.wait`` and
+``as_completed`` accept it, and it is awaitable in asyncio.  Results are
+decoded lazily, in the thread that first asks for them, which keeps the
+client's IO thread free to move bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION  # noqa: F401
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+__all__ = ["Future", "as_completed", "wait", "RemoteTraceback",
+           "FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED"]
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised on a worker.
+
+    Set as ``__cause__`` of the re-raised exception, so Python prints the
+    remote lines above the local ones.
+    """
+
+    def __init__(self, tb: str, worker: str = "") -> None:
+        super().__init__(tb)
+        self.tb = tb
+        self.worker = worker
+
+    def __str__(self) -> str:
+        where = f" (on worker {self.worker})" if self.worker else ""
+        return f"\n\nRemote traceback{where}:\n\"\"\"\n{self.tb.rstrip()}\n\"\"\""
+
+
+class Encoded:
+    """A result still in its wire form; decoded on first access."""
+
+    __slots__ = ("decode",)
+
+    def __init__(self, decode: Callable[[], Any]) -> None:
+        self.decode = decode
+
+
+class Future(cf.Future):
+    """The eventual result of a task run on a shoal worker.
+
+    A :class:`concurrent.futures.Future` (so the stdlib's ``wait`` and
+    ``as_completed`` work) that is also awaitable::
+
+        fut = client.submit(pow, 2, 10)
+        fut.result(timeout=10)      # -> 1024
+        await fut                   # in asyncio
+
+    ``cancel()`` withdraws a task still queued at the broker.  ``stdout``,
+    ``stderr`` and ``worker`` tell what the task printed and where it ran.
+    """
+
+    def __init__(self, key: Any = None, client: Any = None) -> None:
+        super().__init__()
+        self.key = key
+        self.worker: Optional[str] = None
+        self.stdout: str = ""
+        self.stderr: str = ""
+        self._client = client
+
+    # -- results -----------------------------------------------------------
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """Return the task's result, waiting up to ``timeout`` seconds.
+
+        Raises the task's exception (with the remote traceback as its cause),
+        ``concurrent.futures.TimeoutError`` or ``CancelledError``.
+        """
+        value = super().result(timeout)
+        if type(value) is Encoded:
+            value = self._decode(value)
+        return value
+
+    def _decode(self, encoded: Encoded) -> Any:
+        with self._condition:
+            if self._result is not encoded:  # another thread decoded it first
+                return self._result
+            value = encoded.decode()
+            self._result = value
+            return value
+
+    # -- cancellation --------------------------------------------------------
+    def cancel(self) -> bool:
+        """Cancel the task: it is withdrawn from the broker's queue if still there.
+
+        Returns ``False`` if the result has already arrived.
+        """
+        if not super().cancel():
+            return False
+        if self._client is not None:
+            self._client._cancel_keys([self.key])
+        return True
+
+    # -- asyncio -------------------------------------------------------------
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        with self._condition:
+            state = self._state.lower()
+            if self._state == "FINISHED":
+                state = "error" if self._exception is not None else "finished"
+        where = f" on {self.worker}" if self.worker else ""
+        return f"<shoal.Future {self.key!r} {state}{where}>"
+
+
+def as_completed(futures: Iterable[cf.Future], timeout: Optional[float] = None) -> Iterator[cf.Future]:
+    """Yield futures as they finish (the stdlib's ``as_completed``)."""
+    return cf.as_completed(futures, timeout)
+
+
+def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
+         return_when: str = ALL_COMPLETED):
+    """Wait for futures; return ``(done, not_done)`` (the stdlib's ``wait``)."""
+    return cf.wait(futures, timeout, return_when)

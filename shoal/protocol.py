@@ -1,0 +1,185 @@
+"""The wire protocol: message kinds, framing, signing and verification.
+
+Every message is a ZeroMQ multipart ``[signature, header, *frames]``:
+
+* ``header`` is a msgpack map (never pickle) holding the protocol version ``v``,
+  the message kind ``k``, the frame count ``nf`` and kind-specific fields.
+* ``frames`` are opaque bytes: cloudpickled payloads and out-of-band buffers.
+* ``signature`` is HMAC-SHA256 with the cluster key over the header and every
+  frame smaller than :data:`BIG_FRAME`.  Frames of that size or larger are
+  covered by their SHA-256 digest, listed in the signed header under ``bd``, so
+  a broker can route a large buffer without hashing it and the receiver that
+  decodes it checks the digest before use.
+
+This module is pure: no sockets, no pickle.  Nothing else builds frames.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+SIGNATURE_SIZE = 32
+BIG_FRAME = 1 << 16
+MAX_HEADER = 1 << 24
+
+
+class Kind:
+    """Message kinds; short strings keep headers small."""
+
+    # client -> broker
+    CLIENT_HELLO = "ch"
+    SUBMIT = "sub"          # one or more task units
+    CANCEL = "can"          # task ids to withdraw from the queue
+    STATUS = "st"           # ask for cluster state
+    SCATTER = "sc"          # data to keep on the broker for tasks to reference
+    CLIENT_BYE = "cb"
+    # worker -> broker
+    WORKER_HELLO = "wh"
+    RESULTS = "res"          # one or more finished units
+    HEARTBEAT = "hb"
+    WORKER_BYE = "wb"
+    # broker -> worker
+    TASKS = "tk"
+    SHUTDOWN = "sd"
+    # broker -> client
+    WELCOME = "wel"
+    STATUS_REPLY = "sr"
+    CANCELLED = "cd"         # task ids removed from the queue before running
+    ERROR = "err"            # a request was refused; ``msg`` says why
+
+    ALL = frozenset(
+        v for k, v in vars().items() if k.isupper() and isinstance(v, str)
+    )
+
+
+class ProtocolError(Exception):
+    """A message that must be dropped: unsigned, forged, truncated or malformed."""
+
+
+class VersionMismatch(ProtocolError):
+    """A correctly signed message from a peer speaking another protocol version."""
+
+
+@dataclass
+class Message:
+    """A verified, decoded message."""
+
+    kind: str
+    header: dict
+    frames: list = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Message({self.kind!r}, {len(self.frames)} frames)"
+
+
+def _sign(key: bytes, header: bytes, frames: Sequence) -> bytes:
+    mac = hmac.new(key, header, hashlib.sha256)
+    for frame in frames:
+        if len(frame) < BIG_FRAME:
+            mac.update(frame)
+    return mac.digest()
+
+
+def frame_digest(frame) -> bytes:
+    """SHA-256 of one large frame, as carried in a header's ``bd`` map."""
+    return hashlib.sha256(frame).digest()
+
+
+def encode(key: bytes, kind: str, fields: dict | None = None,
+           frames: Sequence = (), digests: dict | None = None) -> list:
+    """Return the frames of a signed message of ``kind``.
+
+    ``frames`` are bytes-like; large ones are covered by digest.  ``digests``
+    maps frame index to an already known digest (a broker forwarding a buffer
+    it did not hash passes the digest it received).
+    """
+    header = dict(fields) if fields else {}
+    header["v"] = PROTOCOL_VERSION
+    header["k"] = kind
+    header["nf"] = len(frames)
+    big = {}
+    for i, frame in enumerate(frames):
+        if len(frame) >= BIG_FRAME:
+            known = digests.get(i) if digests else None
+            big[i] = known if known is not None else frame_digest(frame)
+    if big:
+        header["bd"] = big
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(frames) == 0:
+        sig = hmac.digest(key, packed, "sha256")
+    else:
+        sig = _sign(key, packed, frames)
+    return [sig, packed, *frames]
+
+
+def _unpack_header(raw) -> dict:
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=False,
+            max_bin_len=MAX_HEADER, max_str_len=MAX_HEADER,
+            max_array_len=1 << 22, max_map_len=1 << 22, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack ({exc})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    return header
+
+
+def decode(key: bytes, frames: Sequence, verify_buffers: bool = True) -> Message:
+    """Verify and decode a multipart message; raise :class:`ProtocolError` if bad.
+
+    The signature is checked before the header is parsed.  With
+    ``verify_buffers=False`` (the broker, which never reads buffers) large
+    frames are not hashed; their digests stay in the header for the receiver.
+    """
+    if len(frames) < 2:
+        raise ProtocolError(f"truncated message: {len(frames)} frame(s), need at least 2")
+    sig, raw = frames[0], frames[1]
+    body = frames[2:]
+    if len(sig) != SIGNATURE_SIZE:
+        raise ProtocolError("missing or malformed signature")
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError("header too large")
+    expected = _sign(key, raw, body) if body else hmac.digest(key, raw, "sha256")
+    if not hmac.compare_digest(expected, bytes(sig)):
+        raise ProtocolError("bad signature")
+    header = _unpack_header(raw)
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"peer speaks shoal protocol version {version!r}, this process speaks "
+            f"{PROTOCOL_VERSION}; install the same shoal version on every machine"
+        )
+    kind = header.get("k")
+    if kind not in Kind.ALL:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if header.get("nf") != len(body):
+        raise ProtocolError(f"frame count {len(body)} does not match header ({header.get('nf')!r})")
+    big = header.get("bd") or {}
+    for i, frame in enumerate(body):
+        if len(frame) >= BIG_FRAME:
+            digest = big.get(i)
+            if digest is None:
+                raise ProtocolError(f"large frame {i} has no digest")
+            if verify_buffers and not hmac.compare_digest(frame_digest(frame), digest):
+                raise ProtocolError(f"large frame {i} does not match its digest")
+        elif i in big:
+            raise ProtocolError(f"frame {i} was truncated")
+    return Message(kind, header, list(body))
+
+
+def frame_digests(header: dict, start: int, stop: int) -> dict:
+    """Digests of the large frames in ``[start, stop)``, re-indexed from 0.
+
+    Used when forwarding a slice of one message's frames inside another.
+    """
+    big = header.get("bd")
+    if not big:
+        return {}
+    return {i - start: d for i, d in big.items() if start <= i < stop}

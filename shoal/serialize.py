@@ -1,0 +1,296 @@
+"""Serialization of tasks and results: cloudpickle with out-of-band buffers.
+
+Objects are pickled with protocol 5.  Buffers of at least :data:`OOB_MIN`
+bytes (NumPy arrays, bytes-likes) leave the pickle stream and travel as their
+own frames, uncopied.  Buffers of at least :data:`SHM_MIN` bytes going to a
+process on the same host travel through shared memory instead, because a
+ZeroMQ relay copies a large frame several times while shared memory copies it
+once: the sender writes it into a segment, the receiver maps it.
+
+A buffer's transport is described by a small list in the task's metadata
+(``"sb"``: ``[[position, segment, offset, nbytes], ...]``) so the receiver can
+rebuild the list of buffers in pickle order.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import mmap
+import os
+import pickle
+import secrets
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import cloudpickle
+
+logger = logging.getLogger(__name__)
+
+OOB_MIN = 1 << 16
+SHM_MIN = 1 << 20
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "shoal-"
+
+
+class SerializationError(TypeError):
+    """An object could not be pickled; the message names which one and why."""
+
+
+def host_id() -> str:
+    """Identifies this host's shared-memory namespace (hostname and boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = "noboot"
+    return f"{os.uname().nodename}:{boot}"
+
+
+def shm_available() -> bool:
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+# ---------------------------------------------------------------- segments
+class SegmentRegistry:
+    """Shared-memory segments this process created or mapped.
+
+    A creator unlinks what it created when the peer is done with it, and on
+    exit unlinks whatever is left, so no segment outlives the processes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.created: set[str] = set()
+        # segment name -> (weak ref to its mmap, base address, size)
+        self.mapped: dict[str, tuple] = {}
+
+    def create(self, data) -> tuple[str, mmap.mmap]:
+        name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        nbytes = memoryview(data).nbytes
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(nbytes, 1))
+            mm = mmap.mmap(fd, max(nbytes, 1))
+        finally:
+            os.close(fd)
+        if nbytes:
+            mm[:nbytes] = memoryview(data).cast("B")
+        with self._lock:
+            self.created.add(name)
+        self._remember(name, mm)
+        return name, mm
+
+    def open(self, name: str) -> mmap.mmap:
+        if "/" in name or not name.startswith(SHM_PREFIX):
+            raise ValueError(f"refusing shared-memory segment name {name!r}")
+        with self._lock:
+            known = self.mapped.get(name)
+        mm = known[0]() if known else None
+        if mm is not None:
+            return mm
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self._remember(name, mm)
+        return mm
+
+    def _remember(self, name: str, mm: mmap.mmap) -> None:
+        try:
+            import ctypes
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        except (TypeError, ValueError):
+            return
+        ref = weakref.ref(mm, lambda _r, n=name: self._forget(n))
+        with self._lock:
+            self.mapped[name] = (ref, base, len(mm))
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            entry = self.mapped.get(name)
+            if entry is not None and entry[0]() is None:
+                del self.mapped[name]
+
+    def locate(self, view: memoryview) -> tuple[str, int] | None:
+        """The segment and offset holding ``view``'s bytes, if it lies in one."""
+        if not self.mapped or not view.contiguous:
+            return None
+        address = _address_of(view)
+        if address is None:
+            return None
+        with self._lock:
+            for name, (ref, base, size) in self.mapped.items():
+                if base <= address and address + view.nbytes <= base + size and ref() is not None:
+                    return name, address - base
+        return None
+
+    def unlink(self, name: str) -> None:
+        with self._lock:
+            self.created.discard(name)
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+
+    def unlink_all(self) -> None:
+        with self._lock:
+            names = list(self.created)
+        for name in names:
+            self.unlink(name)
+
+
+def _address_of(view: memoryview) -> int | None:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    try:
+        return numpy.frombuffer(view, dtype=numpy.uint8).__array_interface__["data"][0]
+    except (TypeError, ValueError):
+        return None
+
+
+segments = SegmentRegistry()
+
+
+# ---------------------------------------------------------------- pickling
+def _dumps(obj, buffer_callback) -> bytes:
+    return cloudpickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
+
+
+def dumps(obj: Any, shm: bool = False) -> tuple[list, dict]:
+    """Pickle ``obj``: return ``(frames, meta)`` where ``frames[0]`` is the pickle.
+
+    ``meta`` is empty unless buffers went to shared memory (``shm=True``).
+    """
+    buffers: list = []
+
+    def keep(buf: pickle.PickleBuffer):
+        view = buf.raw()
+        if view.nbytes < OOB_MIN:
+            return True  # small: stays in the pickle stream
+        buffers.append(view)
+        return False
+
+    payload = _dumps(obj, keep)
+    if not buffers:
+        return [payload], {}
+    frames: list = [payload]
+    placed = []
+    for pos, view in enumerate(buffers):
+        if shm and view.nbytes >= SHM_MIN:
+            where = segments.locate(view)
+            if where is not None:  # already in a segment the peer can map
+                placed.append([pos, where[0], where[1], view.nbytes])
+                continue
+            name, _mm = segments.create(view)
+            placed.append([pos, name, 0, view.nbytes])
+        else:
+            frames.append(view)
+    return frames, ({"sb": placed} if placed else {})
+
+
+def loads(frames: Sequence, meta: dict | None = None) -> Any:
+    """Inverse of :func:`dumps`."""
+    placed = meta.get("sb") if meta else None
+    inline = [memoryview(f) for f in frames[1:]]
+    if placed:
+        buffers: list = []
+        it = iter(inline)
+        by_pos = {p[0]: p for p in placed}
+        for pos in range(len(inline) + len(placed)):
+            if pos in by_pos:
+                _, name, offset, nbytes = by_pos[pos]
+                mm = segments.open(name)
+                buffers.append(memoryview(mm)[offset:offset + nbytes])
+            else:
+                buffers.append(next(it))
+    else:
+        buffers = inline
+    return pickle.loads(frames[0], buffers=buffers)
+
+
+def segment_names(meta: dict | None) -> list[str]:
+    return [p[1] for p in meta.get("sb", ())] if meta else []
+
+
+def nbytes(frames: Sequence) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()[:16]
+
+
+# ---------------------------------------------------------------- diagnostics
+def _describe(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
+
+
+def _unpicklable(obj: Any) -> Exception | None:
+    try:
+        cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:  # pickling can raise nearly anything
+        return exc
+    return None
+
+
+def explain_function(fn: Callable) -> str:
+    """Why ``fn`` cannot be pickled: which captured variable is to blame."""
+    import inspect
+    try:
+        captured = inspect.getclosurevars(fn)
+    except TypeError:
+        return ""
+    for kind, names in (("captures variable", captured.nonlocals),
+                        ("uses global", captured.globals)):
+        for name, value in names.items():
+            if callable(value) and getattr(value, "__module__", None) not in (None, "__main__"):
+                continue
+            err = _unpicklable(value)
+            if err is not None:
+                return f"; it {kind} {name!r} of type {_describe(value)}, which cannot be pickled ({err})"
+    return ""
+
+
+def explain_call(fn: Callable, args: Sequence, kwargs: dict) -> str:
+    """Name the argument of a call that cannot be pickled."""
+    for i, value in enumerate(args):
+        err = _unpicklable(value)
+        if err is not None:
+            return f"argument {i} of type {_describe(value)} cannot be pickled ({err})"
+    for name, value in kwargs.items():
+        err = _unpicklable(value)
+        if err is not None:
+            return f"keyword argument {name!r} of type {_describe(value)} cannot be pickled ({err})"
+    return ""
+
+
+def fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def dumps_function(fn: Callable) -> bytes:
+    """Pickle a function (by value for ``__main__`` and notebook code)."""
+    try:
+        return cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(
+            f"function {fn_name(fn)!r} cannot be pickled{explain_function(fn)}: {exc}. "
+            "Create such objects inside the function, or on each worker with "
+            "a set-up task, instead of capturing them.") from exc
+
+
+def dumps_call(fn: Callable, args: Sequence, kwargs: dict, shm: bool = False) -> tuple[list, dict]:
+    """Pickle the arguments of one call, naming the culprit on failure."""
+    try:
+        return dumps((args, kwargs) if kwargs else args, shm=shm)
+    except Exception as exc:
+        detail = explain_call(fn, args, kwargs) or str(exc)
+        raise SerializationError(
+            f"cannot send call to {fn_name(fn)!r}: {detail}. Pass something picklable, "
+            "or create the object inside the function.") from exc

@@ -1,0 +1,383 @@
+"""The worker process: connects out to the broker, runs tasks, sends results.
+
+The main thread owns the socket; each slot is a thread that runs one unit at
+a time, so the worker keeps answering the broker while a long task runs.
+Function payloads and scattered data arrive once per worker and are kept by
+digest.  Each unit's stdout and stderr are captured and sent with its result.
+
+Run it with ``shoal worker tcp://HOST:PORT`` or ``shoal worker --connection-file FILE``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Optional
+
+import zmq
+
+from . import protocol, serialize
+from .errors import RemoteError
+from .protocol import Kind, ProtocolError
+from .security import read_connection_file, read_key_file
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+#: Captured output above this is cut, so a chatty task cannot flood the client.
+MAX_OUTPUT = 1 << 20
+
+
+# ----------------------------------------------------------------- objects
+_MISSING = object()
+
+
+class ObjectStore:
+    """Functions and scattered values by digest, decoded on first use."""
+
+    def __init__(self) -> None:
+        self._raw: dict[bytes, list] = {}
+        self._decoded: dict[bytes, Any] = {}
+        self._lock = threading.Lock()
+
+    def add(self, digest: bytes, frames: list) -> None:
+        self._raw[digest] = frames
+
+    def forget(self, digests) -> None:
+        for d in digests:
+            self._raw.pop(d, None)
+            self._decoded.pop(d, None)
+
+    def get(self, digest: bytes) -> Any:
+        value = self._decoded.get(digest, _MISSING)
+        if value is _MISSING:
+            with self._lock:
+                value = self._decoded.get(digest, _MISSING)
+                if value is _MISSING:
+                    frames = self._raw.get(digest)
+                    if frames is None:
+                        raise LookupError(f"object {digest.hex()} was never sent to this worker")
+                    value = serialize.loads(frames)
+                    self._decoded[digest] = value
+        return value
+
+
+store = ObjectStore()
+
+
+def resolve_ref(digest: bytes) -> Any:
+    """Unpickling hook for :class:`shoal.client.Ref`: the scattered value itself."""
+    return store.get(digest)
+
+
+# ----------------------------------------------------------------- output capture
+class _OutputRouter(io.TextIOBase):
+    """Stands in for sys.stdout/stderr: a slot thread's writes go to its own buffer."""
+
+    def __init__(self, original) -> None:
+        self._original = original
+        self._local = threading.local()
+
+    def begin(self) -> None:
+        self._local.buf = io.StringIO()
+
+    def end(self) -> str:
+        buf = getattr(self._local, "buf", None)
+        self._local.buf = None
+        text = buf.getvalue() if buf is not None else ""
+        if len(text) > MAX_OUTPUT:
+            text = text[:MAX_OUTPUT] + f"\n[shoal: output cut at {MAX_OUTPUT} characters]\n"
+        return text
+
+    def write(self, s: str) -> int:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            return self._original.write(s)
+        return buf.write(s)
+
+    def flush(self) -> None:
+        if getattr(self._local, "buf", None) is None:
+            self._original.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self):
+        return getattr(self._original, "encoding", "utf-8")
+
+
+def _remote_traceback(exc: BaseException) -> str:
+    # Drop the worker's own frame so the user's function is the first line shown.
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def encode_exception(exc: BaseException) -> list:
+    tb_text = _remote_traceback(exc)
+    try:
+        frames, _ = serialize.dumps((exc, tb_text))
+    except Exception:
+        frames, _ = serialize.dumps((RemoteError(type(exc).__qualname__, str(exc)), tb_text))
+    return frames
+
+
+# ----------------------------------------------------------------- worker
+class Worker:
+    """A worker process connected to the broker at ``address``."""
+
+    def __init__(self, address: str, key: bytes, slots: int = 1, name: Optional[str] = None,
+                 parent_pid: Optional[int] = None) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, not {slots}")
+        self.address = address
+        self.key = key
+        self.slots = slots
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.parent_pid = parent_pid
+        self.host = serialize.host_id()
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(address)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox: deque = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._woken = False
+        self._stopping = False
+        self.stdout = _OutputRouter(sys.stdout)
+        self.stderr = _OutputRouter(sys.stderr)
+        self.threads = [threading.Thread(target=self._slot, name=f"shoal-slot-{i}", daemon=True)
+                        for i in range(slots)]
+
+    def _send(self, kind: str, fields: Optional[dict] = None, frames=()) -> None:
+        self.sock.send_multipart(protocol.encode(self.key, kind, fields, frames), copy=False)
+
+    def run(self) -> None:
+        """Serve until the broker says stop, SIGTERM, or the parent process dies."""
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        for t in self.threads:
+            t.start()
+        self._send(Kind.WORKER_HELLO, {"name": self.name, "slots": self.slots,
+                                       "host": self.host, "pid": os.getpid()})
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        try:
+            while not self._stopping:
+                wait = max(0.0, next_beat - time.monotonic())
+                for sock, _ in poller.poll(int(wait * 1000) + 1):
+                    if sock is self.sock:
+                        self._receive()
+                    else:
+                        self._flush_results()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                    self._send(Kind.HEARTBEAT, {"running": self.inbox.qsize()})
+                    if self.parent_pid and os.getppid() != self.parent_pid:
+                        logger.info("parent process %d is gone; worker stopping", self.parent_pid)
+                        break
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+
+    def _close(self) -> None:
+        try:
+            self._send(Kind.WORKER_BYE)
+        except zmq.ZMQError:
+            pass
+        for _ in self.threads:
+            self.inbox.put(None)
+        self.sock.close(linger=500)
+        serialize.segments.unlink_all()
+        sys.stdout, sys.stderr = self.stdout._original, self.stderr._original
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(self.key, frames)
+            except ProtocolError as exc:
+                logger.warning("dropped a message from the broker: %s", exc)
+                continue
+            if msg.kind == Kind.TASKS:
+                self._on_tasks(msg)
+            elif msg.kind == Kind.SHUTDOWN:
+                logger.info("broker asked this worker to stop")
+                self._stopping = True
+            elif msg.kind == Kind.WELCOME:
+                self.name = msg.header.get("name", self.name)
+                logger.info("registered with the broker as %s", self.name)
+            elif msg.kind == Kind.ERROR:
+                logger.error("broker refused a message: %s", msg.header.get("msg"))
+
+    def _on_tasks(self, msg: protocol.Message) -> None:
+        header, frames = msg.header, msg.frames
+        pos = 0
+        for digest, n in header.get("ob", ()):
+            store.add(digest, frames[pos:pos + n])
+            pos += n
+        if header.get("fg"):
+            store.forget(header["fg"])
+        for bid, refs, n, meta in header["u"]:
+            self.inbox.put((bid, refs, frames[pos:pos + n], meta))
+            pos += n
+
+    # -- slots
+    def _slot(self) -> None:
+        while True:
+            unit = self.inbox.get()
+            if unit is None:
+                return
+            result = self._execute(*unit)
+            self.outbox.append(result)
+            if not self._woken:
+                self._woken = True
+                os.write(self._wake_w, b"x")
+
+    def _flush_results(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        self._woken = False
+        entries, frames = [], []
+        outbox = self.outbox
+        while outbox:
+            bid, status, out_frames, meta = outbox.popleft()
+            entries.append([bid, status, len(out_frames), meta])
+            frames.extend(out_frames)
+        if entries:
+            self._send(Kind.RESULTS, {"r": entries}, frames)
+
+    def _execute(self, bid: int, refs: list, frames: list, meta: dict) -> tuple:
+        reply_shm = "h" in meta
+        self.stdout.begin()
+        self.stderr.begin()
+        elapsed = 0.0
+        try:
+            fn = store.get(refs[0])
+            args = serialize.loads(frames, meta)
+            kind = meta.get("m")
+            start = time.perf_counter()
+            if kind:
+                value = self._run_batch(fn, args, star=kind == 2)
+            else:
+                if meta.get("kw"):
+                    args, kwargs = args
+                    value = fn(*args, **kwargs)
+                else:
+                    value = fn(*args)
+            elapsed = time.perf_counter() - start
+            del args
+            try:
+                out_frames, shm_meta = serialize.dumps(value, shm=reply_shm)
+                status = "ok"
+            except Exception as exc:
+                err = serialize.SerializationError(
+                    f"the result of {serialize.fn_name(fn)!r}, of type "
+                    f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}")
+                out_frames, shm_meta, status = encode_exception(err), {}, "err"
+        except BaseException as exc:  # the task's own failure, reported, never fatal here
+            if elapsed == 0.0 and "start" in locals():
+                elapsed = time.perf_counter() - start
+            out_frames, shm_meta, status = encode_exception(exc), {}, "err"
+        reply = {"t": elapsed}
+        if shm_meta:
+            reply.update(shm_meta)
+        if meta.get("m"):
+            reply["n"] = meta.get("n", 1)
+        out, err = self.stdout.end(), self.stderr.end()
+        if out:
+            reply["o"] = out
+        if err:
+            reply["e"] = err
+        return bid, status, out_frames, reply
+
+    @staticmethod
+    def _run_batch(fn, items: list, star: bool) -> tuple:
+        """Run ``fn`` over a batch: ``(values, {index: (exception, traceback)})``."""
+        values: list = []
+        errors: dict = {}
+        append = values.append
+        if star:
+            for i, item in enumerate(items):
+                try:
+                    append(fn(*item))
+                except Exception as exc:
+                    append(None)
+                    errors[i] = _portable(exc)
+        else:
+            for i, item in enumerate(items):
+                try:
+                    append(fn(item))
+                except Exception as exc:
+                    append(None)
+                    errors[i] = _portable(exc)
+        return values, errors
+
+
+def _portable(exc: BaseException) -> tuple:
+    """An exception and its traceback text, replaced by RemoteError if it won't pickle."""
+    tb_text = _remote_traceback(exc)
+    try:
+        serialize.dumps(exc)
+    except Exception:
+        exc = RemoteError(type(exc).__qualname__, str(exc))
+    return exc, tb_text
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="shoal worker", description="Run a shoal worker.")
+    parser.add_argument("address", nargs="?", help="broker address, tcp://HOST:PORT")
+    parser.add_argument("--connection-file", help="connection file written by the broker")
+    parser.add_argument("--key-file", help="file holding the cluster key (with ADDRESS)")
+    parser.add_argument("--slots", type=int, default=1, help="tasks run at once (threads; default 1)")
+    parser.add_argument("--name", help="worker name shown in status (default HOST-PID)")
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
+    if args.connection_file:
+        info = read_connection_file(args.connection_file)
+        address, key = args.address or info.local_address(), info.key
+    elif args.address and (args.key_file or os.environ.get("SHOAL_KEY")):
+        address = args.address
+        key = read_key_file(args.key_file) if args.key_file else bytes.fromhex(os.environ["SHOAL_KEY"])
+    else:
+        parser.error("give --connection-file FILE, or ADDRESS with --key-file FILE "
+                     "(the broker's connection file holds the key)")
+    if "://" not in address:
+        address = f"tcp://{address}"
+    worker = Worker(address, key, slots=args.slots, name=args.name, parent_pid=args.parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
