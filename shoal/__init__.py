@@ -5,19 +5,51 @@
 ...     client = cluster.client()
 ...     client.submit(pow, 2, 10).result()
 1024
+
+Names are imported on first use, so ``shoal worker`` and ``shoal broker``
+start without loading the client, asyncio or anything else they don't need.
 """
-from .client import Client, Executor, MapResult, Ref, get_client
-from .cluster import Cluster, ClusterError
-from .errors import (BrokerError, BrokerUnreachable, ClientClosed, NoWorkersError, RemoteError,
-                     SerializationError, ShoalError)
-from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, as_completed, wait
-from .protocol import PROTOCOL_VERSION
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Client", "Cluster", "ClusterError", "Executor", "Future", "MapResult", "Ref", "get_client",
-    "as_completed", "wait", "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
-    "BrokerError", "BrokerUnreachable", "ClientClosed", "NoWorkersError", "RemoteError",
-    "SerializationError", "ShoalError", "PROTOCOL_VERSION", "__version__",
-]
+_EXPORTS = {
+    "Client": "client", "Executor": "client", "MapResult": "client", "Ref": "client",
+    "get_client": "client",
+    "Cluster": "cluster", "ClusterError": "cluster",
+    "Future": "futures", "as_completed": "futures", "wait": "futures",
+    "ALL_COMPLETED": "futures", "FIRST_COMPLETED": "futures", "FIRST_EXCEPTION": "futures",
+    "RemoteTraceback": "futures",
+    "BrokerError": "errors", "BrokerUnreachable": "errors", "ClientClosed": "errors",
+    "NoWorkersError": "errors", "RemoteError": "errors", "SerializationError": "errors",
+    "ShoalError": "errors",
+    "PROTOCOL_VERSION": "protocol",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shoal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .client import Client, Executor, MapResult, Ref, get_client  # noqa: F401
+    from .cluster import Cluster, ClusterError  # noqa: F401
+    from .errors import (BrokerError, BrokerUnreachable, ClientClosed,  # noqa: F401
+                         NoWorkersError, RemoteError, SerializationError, ShoalError)
+    from .futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION,  # noqa: F401
+                          Future, RemoteTraceback, as_completed, wait)
+    from .protocol import PROTOCOL_VERSION  # noqa: F401

@@ -28,6 +28,7 @@ from . import protocol
 from .protocol import Kind, ProtocolError, VersionMismatch
 from .security import ConnectionInfo, new_key, runtime_dir, write_connection_file
 from .serialize import host_id
+from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,12 @@ MAX_PREFETCH = 64
 #: Log at most this many dropped-message lines per second; the rest are counted.
 DROP_LOG_PER_SECOND = 5
 
-QUEUED, RUNNING = "queued", "running"
+#: A unit whose function or data has not arrived waits this long for it.
+#: (A client sends from one socket per thread, so an object sent by one
+#: thread can arrive after a task another thread submitted that uses it.)
+PARK_SECONDS = 30.0
+
+QUEUED, RUNNING, PARKED = "queued", "running", "parked"
 
 
 @dataclass
@@ -139,6 +145,7 @@ class Broker:
         self.tasks: dict[int, Unit] = {}
         self.queue: deque[Unit] = deque()
         self.objects: dict[bytes, StoredObject] = {}
+        self.parked: dict[bytes, list] = {}  # missing object digest -> units waiting for it
         self._ids = itertools.count(1)
         self._stopping = False
         self.started = time.time()
@@ -162,7 +169,6 @@ class Broker:
     def run(self) -> None:
         """Serve until :meth:`stop` or SIGTERM/SIGINT."""
         sock = self.sock
-        recv = sock.recv_multipart
         next_tick = time.monotonic() + 0.5
         try:
             while not self._stopping:
@@ -172,7 +178,7 @@ class Broker:
                     # then serves a burst, and credits are up to date.
                     for _ in range(512):
                         try:
-                            frames = recv(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(sock)
                         except zmq.Again:
                             break
                         self._handle(frames)
@@ -188,6 +194,8 @@ class Broker:
         self._stopping = True
 
     def _tick(self) -> None:
+        if self.parked:
+            self._expire_parked()
         if self.parent_pid and os.getppid() != self.parent_pid:
             logger.info("parent process %d is gone; broker stopping", self.parent_pid)
             self._stopping = True
@@ -205,8 +213,7 @@ class Broker:
     # ------------------------------------------------------------ messages
     def _send(self, ident: bytes, kind: str, fields: Optional[dict] = None,
               frames=(), digests: Optional[dict] = None) -> None:
-        self.sock.send_multipart([ident, *protocol.encode(self.key, kind, fields, frames, digests)],
-                                 copy=False)
+        send_frames(self.sock, [ident, *protocol.encode(self.key, kind, fields, frames, digests)])
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
@@ -261,42 +268,71 @@ class Broker:
             if obj is None:
                 obj = self.objects[digest] = StoredObject(
                     msg.frames[pos:pos + n], protocol.frame_digests(msg.header, pos, pos + n))
+                for unit in self.parked.pop(digest, ()):
+                    if unit.state == PARKED:
+                        self._enqueue(unit)
             obj.owners.add(ident)
             pos += n
         return pos
 
+    def _enqueue(self, unit: Unit) -> None:
+        for ref in unit.refs:
+            if ref not in self.objects:
+                unit.state = PARKED
+                self.parked.setdefault(ref, []).append(unit)
+                return
+        unit.state = QUEUED
+        self.queue.append(unit)
+
     def _on_submit(self, ident: bytes, msg: protocol.Message) -> None:
+        frames, header = msg.frames, msg.header
+        ident = header.get("rt", ident)  # results go to the client's receiving socket
         client = self._client(ident)
         pos = self._store_objects(ident, msg)
-        frames, header = msg.frames, msg.header
         now = time.monotonic()
-        missing = []
         for tid, refs, n, meta in header["u"]:
+            if not refs or not isinstance(meta, dict):
+                raise ValueError(f"task {tid!r} names no function")
             unit = Unit(next(self._ids), ident, tid, refs, frames[pos:pos + n],
                         protocol.frame_digests(header, pos, pos + n), meta, queued_at=now)
             pos += n
-            if any(r not in self.objects for r in refs):
-                missing.append(tid)
-                continue
             self.tasks[unit.bid] = unit
             client.tasks[tid] = unit.bid
-            self.queue.append(unit)
-        self.counts["submitted"] += len(header["u"]) - len(missing)
-        if missing:
-            self._send(ident, Kind.ERROR, {"msg": "task refers to an object the broker does not hold; "
-                                                  "was the broker restarted?", "t": missing})
+            self._enqueue(unit)
+        self.counts["submitted"] += len(header["u"])
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for digest, units in list(self.parked.items()):
+            expired = [u for u in units if now - u.queued_at > PARK_SECONDS]
+            if not expired:
+                continue
+            self.parked[digest] = [u for u in units if u not in expired]
+            if not self.parked[digest]:
+                del self.parked[digest]
+            by_client: dict[bytes, list] = {}
+            for unit in expired:
+                if self.tasks.pop(unit.bid, None) is not None:
+                    unit.state = "failed"
+                    by_client.setdefault(unit.client, []).append(unit.tid)
+            for client, tids in by_client.items():
+                self._send(client, Kind.ERROR, {
+                    "msg": f"the function or scattered data of this task never reached the broker "
+                           f"within {PARK_SECONDS:g} s (was the broker restarted?)", "t": tids})
 
     def _on_scatter(self, ident: bytes, msg: protocol.Message) -> None:
+        ident = msg.header.get("rt", ident)
         self._client(ident)
         self._store_objects(ident, msg)
 
     def _on_cancel(self, ident: bytes, msg: protocol.Message) -> None:
+        ident = msg.header.get("rt", ident)
         client = self._client(ident)
         removed = []
         for tid in msg.header["t"]:
             bid = client.tasks.get(tid)
             unit = self.tasks.get(bid) if bid is not None else None
-            if unit is not None and unit.state == QUEUED:
+            if unit is not None and unit.state in (QUEUED, PARKED):
                 del self.tasks[bid]
                 del client.tasks[tid]
                 unit.state = "cancelled"  # left in the deque; skipped when reached
@@ -330,7 +366,7 @@ class Broker:
             return
         for bid in client.tasks.values():
             unit = self.tasks.get(bid)
-            if unit is not None and unit.state == QUEUED:
+            if unit is not None and unit.state in (QUEUED, PARKED):
                 del self.tasks[bid]
                 unit.state = "cancelled"
         released = []
@@ -547,4 +583,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: pickles refer to
+    # shoal.broker's globals (the object store), which must be the ones in use.
+    from shoal import broker as _module
+    sys.exit(_module.main())

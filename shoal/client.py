@@ -7,6 +7,7 @@ Results are decoded lazily in the thread that asks for them.
 from __future__ import annotations
 
 import itertools
+import secrets
 import logging
 import os
 import threading
@@ -14,7 +15,6 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import zmq
@@ -23,7 +23,8 @@ from . import protocol, serialize
 from .errors import BrokerError, BrokerUnreachable, ClientClosed, NoWorkersError, RemoteError
 from .futures import Encoded, Future, RemoteTraceback
 from .protocol import Kind, ProtocolError
-from .security import ConnectionInfo, read_connection_file, read_key_file, runtime_dir
+from .security import resolve_connection, runtime_dir
+from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -71,43 +72,6 @@ def _collect_refs(pickle: Callable[[], Any]) -> tuple[Any, list]:
         _collecting.refs = None
 
 
-# ----------------------------------------------------------------- connection
-def resolve_connection(target: Any = None, key: Optional[bytes] = None,
-                       key_file: Optional[str] = None) -> ConnectionInfo:
-    """Turn what the user gave (address, connection file, nothing) into ConnectionInfo."""
-    if isinstance(target, ConnectionInfo):
-        return target
-    if target is None:
-        env = os.environ.get("SHOAL_CONNECTION_FILE")
-        if env:
-            return read_connection_file(env)
-        files = sorted(runtime_dir().glob("broker-*.json"), key=lambda p: p.stat().st_mtime)
-        if not files:
-            raise BrokerUnreachable(
-                "no broker to connect to: start one with shoal.Cluster() or `shoal cluster`, or "
-                "pass an address or connection file to Client()")
-        return read_connection_file(files[-1])
-    target = str(target)
-    if "://" not in target or Path(target).exists():
-        return read_connection_file(target)
-    if key is None and key_file is not None:
-        key = read_key_file(key_file)
-    if key is None:
-        # A broker on this host wrote its connection file in the runtime dir.
-        for path in runtime_dir().glob("broker-*.json"):
-            try:
-                info = read_connection_file(path)
-            except (OSError, ValueError):
-                continue
-            if info.address == target:
-                return info
-        raise ValueError(f"no key for {target}: pass key_file= (the broker's connection file) "
-                         "or the connection file itself")
-    if isinstance(key, str):
-        key = bytes.fromhex(key)
-    return ConnectionInfo(target, key)
-
-
 # ----------------------------------------------------------------- client
 class Client:
     """A connection to a shoal broker.
@@ -125,7 +89,10 @@ class Client:
     def __init__(self, address: Any = None, key: Optional[bytes] = None,
                  key_file: Optional[str] = None, timeout: float = 10.0,
                  worker_timeout: float = 30.0) -> None:
-        self.info = resolve_connection(address, key, key_file)
+        try:
+            self.info = resolve_connection(address, key, key_file)
+        except LookupError as exc:
+            raise BrokerUnreachable(str(exc)) from None
         self.address = self.info.address
         self.worker_timeout = worker_timeout
         self._key = self.info.key
@@ -138,7 +105,13 @@ class Client:
         os.set_blocking(self._wake_r, False)
         self._woken = False
         self._closed = False
-        self._sent_objects: set[bytes] = set()
+        # Each user thread sends on its own socket (no hand-off to the IO
+        # thread on the submit path); results come back to the IO thread's
+        # socket, whose identity every request names as its reply-to (``rt``).
+        self._ident = b"c" + secrets.token_bytes(15)
+        self._local = threading.local()
+        self._senders: list = []
+        self._senders_lock = threading.Lock()
         self._warned_large: set[bytes] = set()
         self._welcome = threading.Event()
         self._status_waiters: deque = deque()
@@ -182,7 +155,7 @@ class Client:
         self._warn_if_large(fn, fn_digest, frames, meta)
         future = Future(tid, self)
         self._pending[tid] = future
-        self._post((Kind.SUBMIT, tid, fn_digest, fn_payload, refs, frames, meta))
+        self._send_unit(tid, fn_digest, fn_payload, refs, frames, meta)
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
@@ -222,7 +195,11 @@ class Client:
         digest = serialize.digest(frames[0] + b"".join(bytes(memoryview(f)[:64]) for f in frames[1:])
                                   + str([memoryview(f).nbytes for f in frames]).encode())
         ref = Ref(digest, serialize.nbytes(frames), type(obj).__qualname__)
-        self._post((Kind.SCATTER, digest, frames))
+        sender = self._sender()
+        if digest not in sender.sent:
+            sender.sent.add(digest)
+            sender.send(self._key, Kind.SCATTER,
+                        {"rt": self._ident, "ob": [[digest, len(frames)]]}, frames)
         return ref
 
     def executor(self) -> "Executor":
@@ -266,6 +243,10 @@ class Client:
         os.close(self._wake_w)
         for tid in list(self._pending):
             self._fail(tid, ClientClosed("the client was closed before the task finished"))
+        with self._senders_lock:
+            for sender in self._senders:
+                sender.sock.close(linger=1000)
+            self._senders.clear()
         for names in self._segments.values():
             for name in names:
                 serialize.segments.unlink(name)
@@ -312,7 +293,29 @@ class Client:
 
     def _cancel_keys(self, keys: list) -> None:
         if keys and not self._closed:
-            self._post((Kind.CANCEL, keys))
+            self._sender().send(self._key, Kind.CANCEL, {"rt": self._ident, "t": keys})
+
+    def _sender(self) -> "_Sender":
+        sender = getattr(self._local, "sender", None)
+        if sender is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(self.info.local_address())
+            sender = self._local.sender = _Sender(sock)
+            with self._senders_lock:
+                self._senders.append(sender)
+        return sender
+
+    def _send_unit(self, tid: int, fn_digest: bytes, fn_payload: bytes, refs: list,
+                   frames: list, meta: dict) -> None:
+        sender = self._sender()
+        fields: dict = {"rt": self._ident, "u": [[tid, [fn_digest, *refs], len(frames), meta]]}
+        if fn_digest not in sender.sent:
+            sender.sent.add(fn_digest)
+            fields["ob"] = [[fn_digest, 1]]
+            frames = [fn_payload, *frames]
+        sender.send(self._key, Kind.SUBMIT, fields, frames)
 
     def _fail(self, tid: int, exc: BaseException) -> None:
         target = self._pending.pop(tid, None)
@@ -322,6 +325,7 @@ class Client:
     # ------------------------------------------------------------ IO thread
     def _io_loop(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self._ident)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -346,7 +350,7 @@ class Client:
             sock.close(linger=500)
 
     def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        sock.send_multipart(protocol.encode(self._key, kind, fields, frames), copy=False)
+        send_frames(sock, protocol.encode(self._key, kind, fields, frames))
 
     def _run_commands(self, sock) -> bool:
         try:
@@ -355,49 +359,18 @@ class Client:
             pass
         self._woken = False
         commands = self._commands
-        entries, unit_frames, objects, object_frames = [], [], [], []
         while commands:
-            cmd = commands.popleft()
-            kind = cmd[0]
-            if kind == Kind.SUBMIT:
-                _, tid, fn_digest, fn_payload, refs, frames, meta = cmd
-                if fn_digest not in self._sent_objects:
-                    self._sent_objects.add(fn_digest)
-                    objects.append([fn_digest, 1])
-                    object_frames.append(fn_payload)
-                entries.append([tid, [fn_digest, *refs], len(frames), meta])
-                unit_frames.extend(frames)
-                if len(entries) >= 2048:
-                    self._flush_submit(sock, entries, objects, object_frames + unit_frames)
-                    entries, unit_frames, objects, object_frames = [], [], [], []
-            elif kind == Kind.SCATTER:
-                _, digest, frames = cmd
-                if digest not in self._sent_objects:
-                    self._sent_objects.add(digest)
-                    self._send(sock, Kind.SCATTER, {"ob": [[digest, len(frames)]]}, frames)
-            elif kind == Kind.CANCEL:
-                self._send(sock, Kind.CANCEL, {"t": cmd[1]})
-            elif kind in (Kind.STATUS, Kind.CLIENT_HELLO):
-                self._send(sock, kind)
-            elif kind == "close":
-                if entries:
-                    self._flush_submit(sock, entries, objects, object_frames + unit_frames)
+            kind = commands.popleft()[0]
+            if kind == "close":
                 self._send(sock, Kind.CLIENT_BYE)
                 return False
-        if entries:
-            self._flush_submit(sock, entries, objects, object_frames + unit_frames)
+            self._send(sock, kind)  # STATUS or CLIENT_HELLO
         return True
-
-    def _flush_submit(self, sock, entries, objects, frames) -> None:
-        fields = {"u": entries}
-        if objects:
-            fields["ob"] = objects
-        self._send(sock, Kind.SUBMIT, fields, frames)
 
     def _receive(self, sock) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             try:
@@ -466,8 +439,9 @@ class Client:
             part = frames[pos:pos + n]
             pos += n
             target = self._pending.pop(tid, None)
-            for name in self._segments.pop(tid, ()):
-                serialize.segments.unlink(name)
+            # Our argument segments: unlinked now, but their mappings are kept
+            # alive by the decoder because a result may be a view of them.
+            held = [serialize.segments.release(name) for name in self._segments.pop(tid, ())]
             if target is None:
                 continue
             target.worker = meta.get("w")
@@ -480,9 +454,22 @@ class Client:
             if target.done():  # cancelled meanwhile
                 continue
             if status == "ok":
-                target.set_result(Encoded(_decoder(part, meta)))
+                target.set_result(Encoded(_decoder(part, meta, held)))
             else:
                 target.set_exception(decode_exception(part, meta.get("w", "")))
+
+
+class _Sender:
+    """A user thread's own socket to the broker, and the objects sent on it."""
+
+    __slots__ = ("sock", "sent")
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.sent: set = set()
+
+    def send(self, key: bytes, kind: str, fields: dict, frames=()) -> None:
+        send_frames(self.sock, protocol.encode(key, kind, fields, frames))
 
 
 def cf_cancel(future) -> bool:
@@ -491,14 +478,14 @@ def cf_cancel(future) -> bool:
     return cf.Future.cancel(future)
 
 
-def _decoder(frames: list, meta: dict) -> Callable[[], Any]:
+def _decoder(frames: list, meta: dict, held: list) -> Callable[[], Any]:
     def decode():
         try:
             return serialize.loads(frames, meta)
         finally:
+            held.clear()
             for name in serialize.segment_names(meta):
-                if name not in serialize.segments.created:
-                    serialize.segments.unlink(name)  # the worker's segment; mapped now
+                serialize.segments.unlink(name)  # the worker's segment: mapped now
     return decode
 
 
@@ -634,7 +621,7 @@ class MapResult:
             self._in_flight += 1
             self._cond.notify_all()
         client._pending[tid] = batch
-        client._post((Kind.SUBMIT, tid, self._fn_digest, self._fn_payload, refs, frames, meta))
+        client._send_unit(tid, self._fn_digest, self._fn_payload, refs, frames, meta)
 
     def observe(self, meta: dict) -> None:
         """Learn per-item time from a finished batch (IO thread)."""

@@ -109,3 +109,43 @@ def read_key_file(path: str | os.PathLike) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise ValueError(f"key file {path} holds neither a connection file nor a hex key") from None
+
+
+def find_local_broker(address: Optional[str] = None) -> ConnectionInfo:
+    """The connection file of a broker on this host (the newest, or the one at ``address``)."""
+    files = sorted(runtime_dir().glob("**/*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in files:
+        try:
+            info = read_connection_file(path)
+        except (OSError, ValueError):
+            continue
+        if address is None or info.address == address:
+            return info
+    where = f"at {address}" if address else "on this host"
+    raise LookupError(
+        f"found no connection file of a broker {where} in {runtime_dir()}: start one with "
+        "shoal.Cluster() or `shoal cluster`, or pass its connection file (or key_file=)")
+
+
+def resolve_connection(target=None, key: Optional[bytes] = None,
+                       key_file: Optional[str] = None) -> ConnectionInfo:
+    """Turn an address, a connection file, or nothing into :class:`ConnectionInfo`.
+
+    Nothing means ``$SHOAL_CONNECTION_FILE`` or the newest local broker; an
+    address without a key is looked up among the local brokers' files.
+    """
+    if isinstance(target, ConnectionInfo):
+        return target
+    if target is None:
+        env = os.environ.get("SHOAL_CONNECTION_FILE")
+        return read_connection_file(env) if env else find_local_broker()
+    target = str(target)
+    if "://" not in target or Path(target).exists():
+        return read_connection_file(target)
+    if key is None and key_file is not None:
+        key = read_key_file(key_file)
+    if key is None:
+        return find_local_broker(target)
+    if isinstance(key, str):
+        key = bytes.fromhex(key)
+    return ConnectionInfo(target, key)

@@ -22,7 +22,7 @@ import pickle
 import secrets
 import threading
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cloudpickle
 
@@ -62,11 +62,12 @@ class SegmentRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.created: set[str] = set()
+        # segment name -> its mmap, held until the peer is done with it
+        self.created: dict[str, mmap.mmap] = {}
         # segment name -> (weak ref to its mmap, base address, size)
         self.mapped: dict[str, tuple] = {}
 
-    def create(self, data) -> tuple[str, mmap.mmap]:
+    def create(self, data, hold: bool = True) -> tuple[str, mmap.mmap]:
         name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         nbytes = memoryview(data).nbytes
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -78,7 +79,7 @@ class SegmentRegistry:
         if nbytes:
             mm[:nbytes] = memoryview(data).cast("B")
         with self._lock:
-            self.created.add(name)
+            self.created[name] = mm if hold else None
         self._remember(name, mm)
         return name, mm
 
@@ -127,9 +128,20 @@ class SegmentRegistry:
                     return name, address - base
         return None
 
+    def release(self, name: str) -> Optional[mmap.mmap]:
+        """Unlink a segment; return its mapping if this process created it.
+
+        The memory lives on while any mapping of it does, so a result that
+        refers to it stays valid after the name is gone.
+        """
+        with self._lock:
+            mm = self.created.pop(name, None)
+        self.unlink(name)
+        return mm
+
     def unlink(self, name: str) -> None:
         with self._lock:
-            self.created.discard(name)
+            self.created.pop(name, None)
         try:
             os.unlink(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
@@ -161,10 +173,12 @@ def _dumps(obj, buffer_callback) -> bytes:
     return cloudpickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
 
 
-def dumps(obj: Any, shm: bool = False) -> tuple[list, dict]:
+def dumps(obj: Any, shm: bool = False, hold: bool = True) -> tuple[list, dict]:
     """Pickle ``obj``: return ``(frames, meta)`` where ``frames[0]`` is the pickle.
 
     ``meta`` is empty unless buffers went to shared memory (``shm=True``).
+    With ``hold=False`` this process keeps no mapping of the segments it
+    creates (a worker's results: the client maps and unlinks them).
     """
     buffers: list = []
 
@@ -186,7 +200,7 @@ def dumps(obj: Any, shm: bool = False) -> tuple[list, dict]:
             if where is not None:  # already in a segment the peer can map
                 placed.append([pos, where[0], where[1], view.nbytes])
                 continue
-            name, _mm = segments.create(view)
+            name, _mm = segments.create(view, hold)
             placed.append([pos, name, 0, view.nbytes])
         else:
             frames.append(view)

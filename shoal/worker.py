@@ -1,7 +1,8 @@
 """The worker process: connects out to the broker, runs tasks, sends results.
 
-The main thread owns the socket; each slot is a thread that runs one unit at
-a time, so the worker keeps answering the broker while a long task runs.
+The main thread owns the socket.  A one-slot worker (the default) runs tasks
+on that thread, which keeps the hand-offs off the latency path; with more
+slots each slot is a thread fed from a queue.
 Function payloads and scattered data arrive once per worker and are kept by
 digest.  Each unit's stdout and stderr are captured and sent with its result.
 
@@ -28,7 +29,8 @@ import zmq
 from . import protocol, serialize
 from .errors import RemoteError
 from .protocol import Kind, ProtocolError
-from .security import read_connection_file, read_key_file
+from .security import find_local_broker, read_connection_file, read_key_file
+from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +163,16 @@ class Worker:
         self._stopping = False
         self.stdout = _OutputRouter(sys.stdout)
         self.stderr = _OutputRouter(sys.stderr)
-        self.threads = [threading.Thread(target=self._slot, name=f"shoal-slot-{i}", daemon=True)
-                        for i in range(slots)]
+        # One slot runs tasks inline on the socket thread: no thread hand-off on
+        # the latency path.  More slots are threads fed through ``inbox``.
+        self.inline = slots == 1
+        self.pending: deque = deque()
+        self.threads = [] if self.inline else [
+            threading.Thread(target=self._slot, name=f"shoal-slot-{i}", daemon=True)
+            for i in range(slots)]
 
     def _send(self, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        self.sock.send_multipart(protocol.encode(self.key, kind, fields, frames), copy=False)
+        send_frames(self.sock, protocol.encode(self.key, kind, fields, frames))
 
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
@@ -180,12 +187,18 @@ class Worker:
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
         try:
             while not self._stopping:
-                wait = max(0.0, next_beat - time.monotonic())
-                for sock, _ in poller.poll(int(wait * 1000) + 1):
-                    if sock is self.sock:
+                wait = int(max(0.0, next_beat - time.monotonic()) * 1000) + 1
+                if self.inline:
+                    # Only the socket to watch: the cheapest wait on the latency path.
+                    if self.sock.poll(wait):
                         self._receive()
-                    else:
-                        self._flush_results()
+                        self._run_pending()
+                else:
+                    for sock, _ in poller.poll(wait):
+                        if sock is self.sock:
+                            self._receive()
+                        else:
+                            self._flush_results()
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_SECONDS
                     self._send(Kind.HEARTBEAT, {"running": self.inbox.qsize()})
@@ -213,7 +226,7 @@ class Worker:
     def _receive(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.sock)
             except zmq.Again:
                 return
             try:
@@ -240,8 +253,9 @@ class Worker:
             pos += n
         if header.get("fg"):
             store.forget(header["fg"])
+        put = self.pending.append if self.inline else self.inbox.put
         for bid, refs, n, meta in header["u"]:
-            self.inbox.put((bid, refs, frames[pos:pos + n], meta))
+            put((bid, refs, frames[pos:pos + n], meta))
             pos += n
 
     # -- slots
@@ -255,6 +269,19 @@ class Worker:
             if not self._woken:
                 self._woken = True
                 os.write(self._wake_w, b"x")
+
+    def _run_pending(self) -> None:
+        """Run queued units inline, sending results in batches of ~1 ms of work."""
+        pending, outbox = self.pending, self.outbox
+        flushed = time.perf_counter()
+        while pending and not self._stopping:
+            outbox.append(self._execute(*pending.popleft()))
+            if not pending:
+                self._receive()  # pick up work that arrived meanwhile
+            now = time.perf_counter()
+            if now - flushed > 0.001 or not pending:
+                self._flush_results()
+                flushed = now
 
     def _flush_results(self) -> None:
         try:
@@ -292,7 +319,7 @@ class Worker:
             elapsed = time.perf_counter() - start
             del args
             try:
-                out_frames, shm_meta = serialize.dumps(value, shm=reply_shm)
+                out_frames, shm_meta = serialize.dumps(value, shm=reply_shm, hold=False)
                 status = "ok"
             except Exception as exc:
                 err = serialize.SerializationError(
@@ -360,15 +387,24 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
-    if args.connection_file:
-        info = read_connection_file(args.connection_file)
-        address, key = args.address or info.local_address(), info.key
-    elif args.address and (args.key_file or os.environ.get("SHOAL_KEY")):
-        address = args.address
-        key = read_key_file(args.key_file) if args.key_file else bytes.fromhex(os.environ["SHOAL_KEY"])
-    else:
-        parser.error("give --connection-file FILE, or ADDRESS with --key-file FILE "
-                     "(the broker's connection file holds the key)")
+    if args.address and "://" not in args.address:
+        args.address = f"tcp://{args.address}"
+    try:
+        if args.connection_file:
+            info = read_connection_file(args.connection_file)
+            address, key = args.address or info.local_address(), info.key
+        elif args.address and (args.key_file or os.environ.get("SHOAL_KEY")):
+            address = args.address
+            key = (read_key_file(args.key_file) if args.key_file
+                   else bytes.fromhex(os.environ["SHOAL_KEY"]))
+        elif args.address:
+            info = find_local_broker(args.address)  # a broker on this host
+            address, key = info.local_address(), info.key
+        else:
+            parser.error("give the broker's ADDRESS, or --connection-file FILE")
+    except (LookupError, OSError, ValueError) as exc:
+        print(f"shoal worker: {exc}", file=sys.stderr)
+        return 2
     if "://" not in address:
         address = f"tcp://{address}"
     worker = Worker(address, key, slots=args.slots, name=args.name, parent_pid=args.parent_pid)
@@ -380,4 +416,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: pickles refer to
+    # shoal.worker's globals (the object store), which must be the ones in use.
+    from shoal import worker as _module
+    sys.exit(_module.main())

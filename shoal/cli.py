@@ -1,0 +1,296 @@
+"""The ``shoal`` command: run a broker, a worker or a local cluster; show status; demo.
+
+::
+
+    shoal cluster -n 4                       # a local cluster in the foreground
+    shoal worker --connection-file FILE      # join a broker from another machine
+    shoal status [ADDRESS|FILE] [--json]     # what the broker sees
+    shoal demo                               # estimate pi over 20,000 tasks
+
+``broker`` and ``worker`` hand their arguments to :func:`shoal.broker.main`
+and :func:`shoal.worker.main`, so ``shoal worker --help`` shows theirs.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import TimeoutError as FuturesTimeout
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+__all__ = ["main", "count_inside", "worker_counts"]
+
+
+def _broker_main(argv: list) -> int:
+    from . import broker
+    return broker.main(argv)
+
+
+def _worker_main(argv: list) -> int:
+    from . import worker
+    return worker.main(argv)
+
+
+#: Subcommands whose arguments belong to another module's parser.
+_DELEGATED: dict[str, tuple[Callable[[list], int], str]] = {
+    "broker": (_broker_main, "run a broker (see `shoal broker --help`)"),
+    "worker": (_worker_main, "run a worker that joins a broker (see `shoal worker --help`)"),
+}
+
+
+def _fail(message: str) -> int:
+    print(f"shoal: {message}", file=sys.stderr)
+    return 1
+
+
+# ----------------------------------------------------------------- cluster
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Run a local cluster in the foreground until Ctrl-C or SIGTERM."""
+    from .cluster import Cluster, ClusterError
+
+    # While starting, both signals interrupt (Cluster closes itself on any
+    # exception); once running, they only ask the main loop to stop, so the
+    # shutdown itself is never interrupted halfway.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        cluster = Cluster(n_workers=args.n_workers, slots=args.slots, listen=args.listen,
+                          timeout=args.timeout)
+    except KeyboardInterrupt:
+        return _fail("interrupted while starting the cluster")
+    except (ClusterError, OSError, ValueError) as exc:
+        return _fail(f"cannot start the cluster: {exc}")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"shoal cluster: {args.n_workers} worker(s) x {args.slots} slot(s), "
+              f"broker at {cluster.address}")
+        print(f"connection file: {cluster.connection_file}")
+        print(f"logs: {cluster.log_dir}")
+        print(f"join with: shoal worker --connection-file {cluster.connection_file}")
+        print("press Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            if cluster.broker is not None and cluster.broker.poll() is not None:
+                return _fail(f"the broker exited with code {cluster.broker.returncode}; "
+                             f"see {cluster.log_dir / 'broker.log'}")
+        print("shoal cluster: stopping", flush=True)
+        return 0
+    finally:
+        cluster.close()
+
+
+# ----------------------------------------------------------------- status
+def _find_local_broker() -> Optional[str]:
+    """The newest connection file on this host whose broker still looks alive.
+
+    Looks at stand-alone brokers (``broker-PID.json``) and local clusters
+    (``cluster-*/connection.json``) in the runtime directory; a file whose
+    broker's IPC socket is gone belongs to a broker that has stopped.
+    """
+    from .security import read_connection_file, runtime_dir
+    root = runtime_dir()
+    candidates = []
+    for path in [*root.glob("broker-*.json"), *root.glob("cluster-*/connection.json")]:
+        try:
+            candidates.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            info = read_connection_file(path)
+        except (OSError, ValueError):
+            continue
+        if info.ipc and info.ipc.startswith("ipc://") and not Path(info.ipc[6:]).exists():
+            continue
+        return str(path)
+    return None
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_status(state: dict) -> str:
+    """The broker's status reply as a readable table."""
+    from .progress import format_duration
+    counts = state.get("counts", {})
+    workers = state.get("worker_list", [])
+    lines = [
+        f"broker    {state.get('address', '?')}   up {format_duration(state.get('uptime'))}",
+        f"clients   {state.get('clients', 0)}",
+        f"workers   {state.get('workers', len(workers))} ({state.get('slots', 0)} slots)",
+        # The broker counts units: one per submit, one per map batch.
+        f"units     {state.get('queued', 0)} queued   {state.get('running', 0)} running   "
+        f"{counts.get('done', 0)} done   {counts.get('failed', 0)} failed   "
+        f"{counts.get('cancelled', 0)} cancelled   (a unit is one submit or one map batch)",
+    ]
+    if workers:
+        header = ("NAME", "HOST", "PID", "SLOTS", "RUNNING", "DONE", "MEAN TASK ms")
+        rows = [(str(w.get("name", "?")), str(w.get("host", "?")), str(w.get("pid", "?")),
+                 str(w.get("slots", "?")), str(w.get("running", 0)), str(w.get("done", 0)),
+                 _ms(w.get("mean_task_ms"))) for w in workers]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines.append("")
+        for row in [header, *rows]:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the broker's view of the cluster."""
+    from .client import Client
+    from .errors import ShoalError
+    target = args.target or os.environ.get("SHOAL_CONNECTION_FILE") or _find_local_broker()
+    if target is None:
+        return _fail("no running broker found on this host; give its address or connection "
+                     "file, or start one with `shoal cluster`")
+    try:
+        with Client(target, key_file=args.key_file, timeout=args.timeout) as client:
+            state = client.status(timeout=args.timeout)
+    except (ShoalError, LookupError, OSError, ValueError) as exc:
+        hint = ""
+        if "://" in str(target) and not args.key_file and not Path(target).exists():
+            hint = ("\nFor a broker on another host, pass --key-file FILE (its connection file), "
+                    "or give that file instead of the address.")
+        return _fail(f"status of {target}: {exc}{hint}")
+    except (TimeoutError, FuturesTimeout):  # distinct classes before Python 3.11
+        return _fail(f"the broker at {target} did not answer a status request within "
+                     f"{args.timeout:g} s")
+    if args.json:
+        state = {k: v for k, v in state.items() if k not in ("v", "k", "nf")}  # wire fields
+        print(json.dumps(state, indent=2, default=str))
+    else:
+        print(format_status(state))
+    return 0
+
+
+# ----------------------------------------------------------------- demo
+def count_inside(seed: int, samples: int) -> int:
+    """How many of ``samples`` random points in the unit square fall in the quarter circle.
+
+    >>> count_inside(0, 1000)   # about 785 (pi / 4 of them)
+    """
+    rand = random.Random(seed).random
+    inside = 0
+    for _ in range(samples):
+        x, y = rand(), rand()
+        if x * x + y * y <= 1.0:
+            inside += 1
+    return inside
+
+
+def worker_counts(mapresult: Any) -> dict:
+    """How many items of a finished map each worker ran, by worker name."""
+    public = getattr(mapresult, "worker_counts", None)
+    if callable(public):
+        return dict(public())
+    # Until MapResult grows worker_counts(): each batch knows its worker and size.
+    counts: Counter = Counter()
+    for batch in list(getattr(mapresult, "_batches", ())):
+        if batch.done() and not batch.cancelled() and batch.exception() is None:
+            counts[batch.worker or "?"] += batch.count
+    return dict(sorted(counts.items()))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Estimate pi with a Monte-Carlo map over a local cluster."""
+    from .cluster import Cluster, ClusterError
+    from .progress import TextProgress
+
+    if args.tasks < 1 or args.samples < 1:
+        return _fail("--tasks and --samples must be positive")
+    n_workers = args.n_workers or os.cpu_count() or 2
+    print(f"starting a local cluster with {n_workers} worker(s)...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        cluster = Cluster(n_workers=n_workers)
+    except (ClusterError, OSError) as exc:
+        return _fail(f"cannot start the cluster: {exc}")
+    try:
+        with cluster:
+            print(f"cluster ready in {time.perf_counter() - t0:.2f} s at {cluster.address}")
+            print(f"estimating pi: {args.tasks:,} tasks x {args.samples:,} random points",
+                  flush=True)
+            client = cluster.client()
+            start = time.perf_counter()
+            result = client.map(functools.partial(count_inside, samples=args.samples),
+                                range(args.tasks))
+            with TextProgress(result, file=sys.stdout):
+                counts = result.result()
+            seconds = time.perf_counter() - start
+            per_worker = worker_counts(result)
+    except KeyboardInterrupt:
+        return _fail("interrupted; the cluster is stopped")
+    points = args.tasks * args.samples
+    pi = 4.0 * sum(counts) / points
+    print(f"pi estimate: {pi:.6f}   (error {abs(pi - 3.141592653589793):.2e}, "
+          f"{points:,} points)")
+    print(f"throughput: {args.tasks / seconds:,.0f} tasks/s   "
+          f"({args.tasks:,} tasks in {seconds:.2f} s on {n_workers} worker(s))")
+    print("tasks per worker: " + "   ".join(f"{name} {n:,}" for name, n in per_worker.items()))
+    return 0
+
+
+# ----------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal", description="Interactive distributed computing over ZeroMQ.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in _DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+
+    p = sub.add_parser("cluster", help="run a local broker and workers until Ctrl-C",
+                       description="Run a local broker and workers in the foreground until "
+                                   "Ctrl-C or SIGTERM, then stop them all.")
+    p.add_argument("-n", "--n-workers", type=int, default=os.cpu_count() or 1,
+                   help="number of workers (default: one per CPU core)")
+    p.add_argument("--slots", type=int, default=1, help="tasks each worker runs at once")
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="address the broker binds (default 127.0.0.1 and a free port)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds allowed to start")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("status", help="show a broker's workers and task counts",
+                       description="Show a broker's workers and task counts.")
+    p.add_argument("target", nargs="?", metavar="ADDRESS|CONNECTION_FILE",
+                   help="default: $SHOAL_CONNECTION_FILE, else the newest local broker")
+    p.add_argument("--key-file", help="the broker's connection file, when giving an ADDRESS")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="estimate pi over a local cluster, with live progress",
+                       description="Start a local cluster, estimate pi with a Monte-Carlo map "
+                                   "over many tasks, show progress and throughput, then stop.")
+    p.add_argument("-n", "--n-workers", type=int, default=None,
+                   help="number of workers (default: one per CPU core)")
+    p.add_argument("--tasks", type=int, default=20_000, help="number of tasks (default 20000)")
+    p.add_argument("--samples", type=int, default=2_000,
+                   help="random points per task (default 2000)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of the ``shoal`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return _DELEGATED[argv[0]][0](argv[1:]) or 0
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
