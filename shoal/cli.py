@@ -155,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with Client(target, key_file=args.key_file, timeout=args.timeout) as client:
             state = client.status(timeout=args.timeout)
-    except (ShoalError, LookupError, OSError, ValueError) as exc:
+    except (ShoalError, LookupError, ValueError) as exc:  # BrokerUnreachable included
         hint = ""
         if "://" in str(target) and not args.key_file and not Path(target).exists():
             hint = ("\nFor a broker on another host, pass --key-file FILE (its connection file), "
@@ -164,6 +164,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (TimeoutError, FuturesTimeout):  # distinct classes before Python 3.11
         return _fail(f"the broker at {target} did not answer a status request within "
                      f"{args.timeout:g} s")
+    except OSError as exc:  # after TimeoutError, which is an OSError
+        return _fail(f"status of {target}: {exc}")
     if args.json:
         state = {k: v for k, v in state.items() if k not in ("v", "k", "nf")}  # wire fields
         print(json.dumps(state, indent=2, default=str))
