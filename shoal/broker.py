@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import zmq
 
@@ -103,6 +103,17 @@ class WorkerRecord:
 
 
 @dataclass
+class CancelRequest:
+    """A client's cancel request waiting on the workers that hold some of its tasks."""
+
+    client: bytes
+    rq: Any
+    at: float
+    withdrawn: list = field(default_factory=list)
+    workers: set = field(default_factory=set)
+
+
+@dataclass
 class ClientRecord:
     ident: bytes
     tasks: dict = field(default_factory=dict)  # client task id -> bid
@@ -146,6 +157,7 @@ class Broker:
         self.queue: deque[Unit] = deque()
         self.objects: dict[bytes, StoredObject] = {}
         self.parked: dict[bytes, list] = {}  # missing object digest -> units waiting for it
+        self.cancels: dict[int, CancelRequest] = {}  # awaiting workers' answers
         self._ids = itertools.count(1)
         self._stopping = False
         self.started = time.time()
@@ -156,6 +168,7 @@ class Broker:
             Kind.CLIENT_HELLO: self._on_client_hello,
             Kind.SUBMIT: self._on_submit,
             Kind.CANCEL: self._on_cancel,
+            Kind.CANCELLED: self._on_worker_cancelled,
             Kind.STATUS: self._on_status,
             Kind.SCATTER: self._on_scatter,
             Kind.CLIENT_BYE: self._on_client_bye,
@@ -196,6 +209,11 @@ class Broker:
     def _tick(self) -> None:
         if self.parked:
             self._expire_parked()
+        now = time.monotonic()
+        for rid, request in list(self.cancels.items()):
+            if now - request.at > 30:  # a worker that never answered
+                del self.cancels[rid]
+                self._finish_cancel(request)
         if self.parent_pid and os.getppid() != self.parent_pid:
             logger.info("parent process %d is gone; broker stopping", self.parent_pid)
             self._stopping = True
@@ -228,7 +246,7 @@ class Broker:
             return
         try:
             self._handlers[msg.kind](ident, msg)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except Exception as exc:
             # Signed but malformed: a bug in a peer, never a reason to stop serving.
             logger.warning("malformed %s message from %s: %r", msg.kind, ident.hex(), exc)
             self.counts["dropped"] += 1
@@ -326,20 +344,60 @@ class Broker:
         self._store_objects(ident, msg)
 
     def _on_cancel(self, ident: bytes, msg: protocol.Message) -> None:
-        ident = msg.header.get("rt", ident)
+        """Withdraw tasks not yet started: queued here, or prefetched by a worker."""
+        header = msg.header
+        ident = header.get("rt", ident)
         client = self._client(ident)
-        removed = []
-        for tid in msg.header["t"]:
+        request = CancelRequest(ident, header.get("rq"), time.monotonic())
+        forward: dict[bytes, list] = {}
+        for tid in header["t"]:
             bid = client.tasks.get(tid)
             unit = self.tasks.get(bid) if bid is not None else None
-            if unit is not None and unit.state in (QUEUED, PARKED):
+            if unit is None:
+                continue
+            if unit.state in (QUEUED, PARKED):
                 del self.tasks[bid]
                 del client.tasks[tid]
                 unit.state = "cancelled"  # left in the deque; skipped when reached
-                removed.append(tid)
-        self.counts["cancelled"] += len(removed)
-        if removed:
-            self._send(ident, Kind.CANCELLED, {"t": removed})
+                request.withdrawn.append(tid)
+            elif unit.state == RUNNING and unit.worker in self.workers:
+                forward.setdefault(unit.worker, []).append(bid)
+        if not forward:
+            self._finish_cancel(request)
+            return
+        rid = next(self._ids)
+        request.workers = set(forward)
+        self.cancels[rid] = request
+        for worker, bids in forward.items():
+            self._send(worker, Kind.CANCEL, {"b": bids, "rq": rid})
+
+    def _on_worker_cancelled(self, ident: bytes, msg: protocol.Message) -> None:
+        """A worker's answer: which of the forwarded units it had not started."""
+        worker = self.workers.get(ident)
+        request = self.cancels.get(msg.header.get("rq"))
+        for bid in msg.header["b"]:
+            unit = worker.running.pop(bid, None) if worker else None
+            if unit is None or self.tasks.pop(bid, None) is None:
+                continue
+            client = self.clients.get(unit.client)
+            if client is not None:
+                client.tasks.pop(unit.tid, None)
+            unit.state = "cancelled"
+            if request is not None:
+                request.withdrawn.append(unit.tid)
+        if request is not None:
+            self._cancel_answered(msg.header["rq"], ident)
+
+    def _cancel_answered(self, rid: int, worker: bytes) -> None:
+        request = self.cancels[rid]
+        request.workers.discard(worker)
+        if not request.workers:
+            del self.cancels[rid]
+            self._finish_cancel(request)
+
+    def _finish_cancel(self, request: "CancelRequest") -> None:
+        self.counts["cancelled"] += len(request.withdrawn)
+        self._send(request.client, Kind.CANCELLED, {"t": request.withdrawn, "rq": request.rq})
 
     def _on_status(self, ident: bytes, msg: protocol.Message) -> None:
         self._client(ident)
@@ -384,9 +442,9 @@ class Broker:
     # -- workers
     def _on_worker_hello(self, ident: bytes, msg: protocol.Message) -> None:
         h = msg.header
-        slots = int(h.get("slots", 1))
-        if slots < 1:
-            raise ValueError(f"worker announced {slots} slots")
+        slots = h.get("slots", 1)
+        if not isinstance(slots, int) or not 1 <= slots <= 100_000:
+            raise ValueError(f"worker announced {slots!r} slots")
         name = str(h.get("name") or f"worker-{h.get('pid')}")
         taken = {w.name for w in self.workers.values() if w.ident != ident}
         base, n = name, 1
@@ -408,6 +466,9 @@ class Broker:
             self._requeue(worker)
 
     def _requeue(self, worker: WorkerRecord) -> None:
+        for rid, request in list(self.cancels.items()):
+            if worker.ident in request.workers:
+                self._cancel_answered(rid, worker.ident)
         # Put its unfinished units back at the head of the queue, oldest first.
         units = sorted(worker.running.values(), key=lambda u: u.bid, reverse=True)
         for unit in units:

@@ -32,3 +32,7 @@ class RemoteError(ShoalError):
     def __init__(self, type_name: str, message: str) -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.type_name, self.message)

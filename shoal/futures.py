@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import time
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION  # noqa: F401
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -71,10 +72,24 @@ class Future(cf.Future):
         Raises the task's exception (with the remote traceback as its cause),
         ``concurrent.futures.TimeoutError`` or ``CancelledError``.
         """
+        if self._client is not None and self._state == "PENDING":
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._client._lead(self, timeout)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         value = super().result(timeout)
         if type(value) is Encoded:
             value = self._decode(value)
         return value
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """Return the task's exception (``None`` if it succeeded), waiting up to ``timeout``."""
+        if self._client is not None and self._state == "PENDING":
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._client._lead(self, timeout)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+        return super().exception(timeout)
 
     def _decode(self, encoded: Encoded) -> Any:
         with self._condition:
@@ -86,15 +101,22 @@ class Future(cf.Future):
 
     # -- cancellation --------------------------------------------------------
     def cancel(self) -> bool:
-        """Cancel the task: it is withdrawn from the broker's queue if still there.
+        """Cancel the task if it has not started; return whether it was cancelled.
 
-        Returns ``False`` if the result has already arrived.
+        A task still queued (at the broker, or prefetched by a worker) is
+        withdrawn; a running or finished one is not, and this returns False,
+        as :meth:`concurrent.futures.Future.cancel` does.
         """
-        if not super().cancel():
-            return False
-        if self._client is not None:
-            self._client._cancel_keys([self.key])
-        return True
+        with self._condition:
+            if self._state == "FINISHED":
+                return False
+            if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
+                return True
+        if self._client is None:
+            return super().cancel()
+        if self.key in self._client._cancel_keys([self.key]):
+            return super().cancel()
+        return False
 
     # -- asyncio -------------------------------------------------------------
     def __await__(self):

@@ -150,6 +150,14 @@ def decode(key: bytes, frames: Sequence, verify_buffers: bool = True) -> Message
     if not hmac.compare_digest(expected, bytes(sig)):
         raise ProtocolError("bad signature")
     header = _unpack_header(raw)
+    try:
+        return _check(header, body, verify_buffers)
+    except (TypeError, AttributeError, ValueError, OverflowError) as exc:
+        # Correctly signed yet the wrong shape: a buggy peer, dropped all the same.
+        raise ProtocolError(f"malformed header ({exc!r})") from None
+
+
+def _check(header: dict, body: Sequence, verify_buffers: bool) -> Message:
     version = header.get("v")
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(
@@ -157,15 +165,17 @@ def decode(key: bytes, frames: Sequence, verify_buffers: bool = True) -> Message
             f"{PROTOCOL_VERSION}; install the same shoal version on every machine"
         )
     kind = header.get("k")
-    if kind not in Kind.ALL:
+    if not isinstance(kind, str) or kind not in Kind.ALL:
         raise ProtocolError(f"unknown message kind {kind!r}")
     if header.get("nf") != len(body):
         raise ProtocolError(f"frame count {len(body)} does not match header ({header.get('nf')!r})")
     big = header.get("bd") or {}
+    if not isinstance(big, dict):
+        raise ProtocolError("digest map is not a map")
     for i, frame in enumerate(body):
         if len(frame) >= BIG_FRAME:
             digest = big.get(i)
-            if digest is None:
+            if not isinstance(digest, bytes):
                 raise ProtocolError(f"large frame {i} has no digest")
             if verify_buffers and not hmac.compare_digest(frame_digest(frame), digest):
                 raise ProtocolError(f"large frame {i} does not match its digest")

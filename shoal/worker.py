@@ -167,6 +167,8 @@ class Worker:
         # the latency path.  More slots are threads fed through ``inbox``.
         self.inline = slots == 1
         self.pending: deque = deque()
+        # Units received and not started, by id: a cancel removes them here.
+        self.waiting: dict[int, tuple] = {}
         self.threads = [] if self.inline else [
             threading.Thread(target=self._slot, name=f"shoal-slot-{i}", daemon=True)
             for i in range(slots)]
@@ -236,6 +238,8 @@ class Worker:
                 continue
             if msg.kind == Kind.TASKS:
                 self._on_tasks(msg)
+            elif msg.kind == Kind.CANCEL:
+                self._on_cancel(msg)
             elif msg.kind == Kind.SHUTDOWN:
                 logger.info("broker asked this worker to stop")
                 self._stopping = True
@@ -254,16 +258,25 @@ class Worker:
         if header.get("fg"):
             store.forget(header["fg"])
         put = self.pending.append if self.inline else self.inbox.put
+        waiting = self.waiting
         for bid, refs, n, meta in header["u"]:
-            put((bid, refs, frames[pos:pos + n], meta))
+            waiting[bid] = (bid, refs, frames[pos:pos + n], meta)
+            put(bid)
             pos += n
+
+    def _on_cancel(self, msg: protocol.Message) -> None:
+        withdrawn = [bid for bid in msg.header["b"] if self.waiting.pop(bid, None) is not None]
+        self._send(Kind.CANCELLED, {"b": withdrawn, "rq": msg.header["rq"]})
 
     # -- slots
     def _slot(self) -> None:
         while True:
-            unit = self.inbox.get()
-            if unit is None:
+            bid = self.inbox.get()
+            if bid is None:
                 return
+            unit = self.waiting.pop(bid, None)
+            if unit is None:
+                continue  # cancelled before it started
             result = self._execute(*unit)
             self.outbox.append(result)
             if not self._woken:
@@ -274,8 +287,11 @@ class Worker:
         """Run queued units inline, sending results in batches of ~1 ms of work."""
         pending, outbox = self.pending, self.outbox
         flushed = time.perf_counter()
+        waiting = self.waiting
         while pending and not self._stopping:
-            outbox.append(self._execute(*pending.popleft()))
+            unit = waiting.pop(pending.popleft(), None)
+            if unit is not None:  # else cancelled before it started
+                outbox.append(self._execute(*unit))
             if not pending:
                 self._receive()  # pick up work that arrived meanwhile
             now = time.perf_counter()
