@@ -222,6 +222,11 @@ class Broker:
         for w in list(self.workers.values()):
             self._send(w.ident, Kind.SHUTDOWN)
         self.sock.close(linger=100)
+        if self.connection_file:
+            try:
+                os.unlink(self.connection_file)  # nobody should find a stopped broker
+            except OSError:
+                pass
         if self.ipc_address:
             try:
                 os.unlink(self.ipc_address[len("ipc://"):])

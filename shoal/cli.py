@@ -89,29 +89,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- status
 def _find_local_broker() -> Optional[str]:
-    """The newest connection file on this host whose broker still looks alive.
-
-    Looks at stand-alone brokers (``broker-PID.json``) and local clusters
-    (``cluster-*/connection.json``) in the runtime directory; a file whose
-    broker's IPC socket is gone belongs to a broker that has stopped.
-    """
-    from .security import read_connection_file, runtime_dir
-    root = runtime_dir()
-    candidates = []
-    for path in [*root.glob("broker-*.json"), *root.glob("cluster-*/connection.json")]:
-        try:
-            candidates.append((path.stat().st_mtime, path))
-        except OSError:
-            continue
-    for _, path in sorted(candidates, reverse=True):
-        try:
-            info = read_connection_file(path)
-        except (OSError, ValueError):
-            continue
-        if info.ipc and info.ipc.startswith("ipc://") and not Path(info.ipc[6:]).exists():
-            continue
-        return str(path)
-    return None
+    """The newest connection file on this host whose broker still looks alive."""
+    from .security import local_connection_files
+    files = local_connection_files()
+    return str(files[0]) if files else None
 
 
 def _ms(value: Any) -> str:

@@ -807,8 +807,30 @@ class MapResult:
         self.client.cancel([b for b in batches if not b.done()])
 
     def done(self) -> bool:
+        """True once every item has been sent and every batch has finished."""
         with self._cond:
-            return self._exhausted and all(b.done() for b in self._batches)
+            return self._exhausted and self._in_flight == 0
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until :meth:`done` (without decoding results); return whether it is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self._exhausted and self._in_flight == 0):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def worker_counts(self) -> dict:
+        """How many items each worker has finished so far: ``{worker name: count}``."""
+        counts: dict = {}
+        with self._cond:
+            batches = list(self._batches)
+        for batch in batches:
+            if batch.done() and not batch.cancelled() and batch.worker:
+                counts[batch.worker] = counts.get(batch.worker, 0) + batch.count
+        return counts
 
     def __len__(self) -> int:
         if self.total is None:

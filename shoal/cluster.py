@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 from typing import Optional
 
 from .client import Client

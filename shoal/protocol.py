@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import msgpack
 

@@ -111,20 +111,37 @@ def read_key_file(path: str | os.PathLike) -> bytes:
         raise ValueError(f"key file {path} holds neither a connection file nor a hex key") from None
 
 
-def find_local_broker(address: Optional[str] = None) -> ConnectionInfo:
-    """The connection file of a broker on this host (the newest, or the one at ``address``)."""
-    files = sorted(runtime_dir().glob("**/*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in files:
+def local_connection_files(address: Optional[str] = None) -> list:
+    """Connection files of live brokers on this host, newest first.
+
+    Looks at stand-alone brokers (``broker-PID.json``) and local clusters
+    (``cluster-*/connection.json``) in the runtime directory; a file whose
+    broker's IPC socket is gone belongs to a broker that has stopped.
+    """
+    root = runtime_dir()
+    found = []
+    for path in [*root.glob("broker-*.json"), *root.glob("cluster-*/connection.json")]:
         try:
+            mtime = path.stat().st_mtime
             info = read_connection_file(path)
         except (OSError, ValueError):
             continue
+        if info.ipc and info.ipc.startswith("ipc://") and not Path(info.ipc[6:]).exists():
+            continue
         if address is None or info.address == address:
-            return info
+            found.append((mtime, path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def find_local_broker(address: Optional[str] = None) -> ConnectionInfo:
+    """The connection of a live broker on this host (the newest, or the one at ``address``)."""
+    files = local_connection_files(address)
+    if files:
+        return read_connection_file(files[0])
     where = f"at {address}" if address else "on this host"
     raise LookupError(
-        f"found no connection file of a broker {where} in {runtime_dir()}: start one with "
-        "shoal.Cluster() or `shoal cluster`, or pass its connection file (or key_file=)")
+        f"found no connection file of a running broker {where} in {runtime_dir()}: start one "
+        "with shoal.Cluster() or `shoal cluster`, or pass its connection file (or key_file=)")
 
 
 def resolve_connection(target=None, key: Optional[bytes] = None,

@@ -14,7 +14,6 @@ rebuild the list of buffers in pickle order.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import mmap
 import os
