@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import zmq
+from zmq.backend import zmq_poll
 
 from . import protocol, serialize
 from .errors import BrokerError, BrokerUnreachable, ClientClosed, NoWorkersError, RemoteError
@@ -28,6 +29,9 @@ from .security import resolve_connection, runtime_dir
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
+
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 #: A task whose payload exceeds this logs a warning suggesting ``client.scatter``.
 LARGE_PAYLOAD = 1 << 20
@@ -153,8 +157,7 @@ class Client:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"submit() needs a callable first, not {type(fn).__name__}")
-        fn_payload = serialize.dumps_function(fn)
-        fn_digest = serialize.digest(fn_payload)
+        fn_payload, fn_digest = serialize.dumps_function(fn)
         (frames, meta), refs = _collect_refs(
             lambda: serialize.dumps_call(fn, args, kwargs, shm=self._shm_ok))
         if kwargs:
@@ -350,11 +353,12 @@ class Client:
                 return
             try:
                 sock = self._sock
+                items = [(sock, _POLLIN)]
                 while not future.done() and not self._closed:
                     wait = 100 if deadline is None else min(100, int((deadline - time.monotonic()) * 1000))
                     if wait < 0:
                         return
-                    if sock.poll(wait):
+                    if zmq_poll(items, wait):
                         self._receive(sock)
                     elif self._commands:
                         return  # status or close requests need the IO thread
@@ -464,11 +468,10 @@ class Client:
         return True
 
     def _receive(self, sock) -> None:
-        while True:
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
+        # Ask the socket whether more is waiting instead of reading until
+        # zmq.Again: raising that costs more than the check.
+        while sock.get(_EVENTS) & _POLLIN:
+            frames = recv_frames(sock)
             try:
                 msg = protocol.decode(self._key, frames)
             except ProtocolError as exc:
@@ -645,8 +648,7 @@ class MapResult:
         self.done_count = 0
         self.failed_count = 0
         self.started = time.monotonic()
-        self._fn_payload = serialize.dumps_function(fn)
-        self._fn_digest = serialize.digest(self._fn_payload)
+        self._fn_payload, self._fn_digest = serialize.dumps_function(fn)
         self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
         self._feeder.start()
 
