@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import secrets
 import logging
 import os
 import threading
@@ -106,21 +105,19 @@ class Client:
         self._tids = itertools.count(1)
         self._pending: dict[int, Any] = {}      # task id -> Future or map batch
         self._segments: dict[int, list] = {}    # task id -> shared-memory segments it sent
+        # Everything bound for the broker goes through one ordered outbox,
+        # drained by whichever thread holds the socket: tasks submitted in a
+        # burst leave in one message, and order (scatter before the task that
+        # uses it, submit before cancel) is kept.
         self._commands: deque = deque()
+        self._sent_objects: set[bytes] = set()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._woken = False
         self._closed = False
-        # Each user thread sends on its own socket (no hand-off to the IO
-        # thread on the submit path); results come back to the IO thread's
-        # socket, whose identity every request names as its reply-to (``rt``).
-        self._ident = b"c" + secrets.token_bytes(15)
-        self._local = threading.local()
-        self._senders: list = []
-        self._senders_lock = threading.Lock()
-        # Leader/follower on the receiving socket: a thread blocked in
-        # Future.result() borrows it from the IO thread and receives its own
-        # result, saving a thread hand-off (~150 us) on every round trip.
+        # Leader/follower on the socket: a thread blocked in Future.result()
+        # borrows it from the IO thread, sends what is queued and receives its
+        # own result, saving two thread hand-offs (~150 us) per round trip.
         self._sock_lock = threading.Lock()
         self._lead_lock = threading.Lock()
         self._leader_wanted = False
@@ -169,7 +166,7 @@ class Client:
         self._warn_if_large(fn, fn_digest, frames, meta)
         future = Future(tid, self)
         self._pending[tid] = future
-        self._send_unit(tid, fn_digest, fn_payload, refs, frames, meta)
+        self._post((Kind.SUBMIT, tid, fn_digest, fn_payload, refs, frames, meta))
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
@@ -209,11 +206,7 @@ class Client:
         digest = serialize.digest(frames[0] + b"".join(bytes(memoryview(f)[:64]) for f in frames[1:])
                                   + str([memoryview(f).nbytes for f in frames]).encode())
         ref = Ref(digest, serialize.nbytes(frames), type(obj).__qualname__)
-        sender = self._sender()
-        if digest not in sender.sent:
-            sender.sent.add(digest)
-            sender.send(self._key, Kind.SCATTER,
-                        {"rt": self._ident, "ob": [[digest, len(frames)]]}, frames)
+        self._post((Kind.SCATTER, digest, frames))
         return ref
 
     def executor(self) -> "Executor":
@@ -269,10 +262,6 @@ class Client:
         os.close(self._wake_w)
         for tid in list(self._pending):
             self._fail(tid, ClientClosed("the client was closed before the task finished"))
-        with self._senders_lock:
-            for sender in self._senders:
-                sender.sock.close(linger=1000)
-            self._senders.clear()
         for names in self._segments.values():
             for name in names:
                 serialize.segments.unlink(name)
@@ -313,6 +302,8 @@ class Client:
         self._wake()
 
     def _wake(self) -> None:
+        if self._io_parked and not self._leader_wanted:
+            return  # no one polls the pipe: the parked IO thread rechecks within 5 ms
         if not self._woken:
             self._woken = True
             try:
@@ -323,13 +314,14 @@ class Client:
     def _park_io(self) -> None:
         """Keep the IO thread off the socket while threads lead.
 
-        It rechecks every 20 ms rather than being woken when a leader ends,
-        so back-to-back round trips from one thread cost no IO-thread wake-up.
+        It rechecks every 5 ms rather than being woken when a leader ends or
+        a task is queued, so back-to-back round trips from one thread cost no
+        IO-thread wake-up; work queued between leaders waits at most that long.
         """
         with self._park:
             self._io_parked = True
             while self._leader_wanted and not self._closed:
-                self._park.wait(0.02)
+                self._park.wait(0.005)
             self._io_parked = False
 
     def _lead(self, future: Future, timeout: Optional[float]) -> None:
@@ -353,15 +345,19 @@ class Client:
                 return
             try:
                 sock = self._sock
-                items = [(sock, _POLLIN)]
+                items = [(sock, _POLLIN), (self._wake_r, _POLLIN)]
+                if not self._flush(sock, leader=True):
+                    return
                 while not future.done() and not self._closed:
                     wait = 100 if deadline is None else min(100, int((deadline - time.monotonic()) * 1000))
                     if wait < 0:
                         return
                     if zmq_poll(items, wait):
                         self._receive(sock)
-                    elif self._commands:
-                        return  # status or close requests need the IO thread
+                        if self._woken and not self._flush(sock, leader=True):
+                            return
+                    else:
+                        self._check_workers(sock)  # the parked IO thread cannot
             finally:
                 self._sock_lock.release()
         finally:
@@ -374,7 +370,7 @@ class Client:
             return set()
         request = next(self._tids)
         reply = self._replies[request] = Future(("cancel", request))
-        self._sender().send(self._key, Kind.CANCEL, {"rt": self._ident, "t": keys, "rq": request})
+        self._post((Kind.CANCEL, keys, request))
         if threading.current_thread() is self._thread:
             return set()  # a done-callback on the IO thread cannot wait for the answer
         try:
@@ -387,32 +383,6 @@ class Client:
             self._release(key)
         return withdrawn
 
-    def _sender(self) -> "_Sender":
-        sender = getattr(self._local, "sender", None)
-        if sender is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.connect(self.info.local_address())
-            sender = self._local.sender = _Sender(sock)
-            with self._senders_lock:
-                # Close the sockets of threads that have ended (no one can use them now).
-                for old in [x for x in self._senders if not x.thread.is_alive()]:
-                    old.sock.close(linger=1000)
-                    self._senders.remove(old)
-                self._senders.append(sender)
-        return sender
-
-    def _send_unit(self, tid: int, fn_digest: bytes, fn_payload: bytes, refs: list,
-                   frames: list, meta: dict) -> None:
-        sender = self._sender()
-        fields: dict = {"rt": self._ident, "u": [[tid, [fn_digest, *refs], len(frames), meta]]}
-        if fn_digest not in sender.sent:
-            sender.sent.add(fn_digest)
-            fields["ob"] = [[fn_digest, 1]]
-            frames = [fn_payload, *frames]
-        sender.send(self._key, Kind.SUBMIT, fields, frames)
-
     def _fail(self, tid: int, exc: BaseException) -> None:
         target = self._pending.pop(tid, None)
         if target is not None and not target.done():
@@ -421,7 +391,6 @@ class Client:
     # ------------------------------------------------------------ IO thread
     def _io_loop(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self._ident)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -434,10 +403,12 @@ class Client:
         try:
             while True:
                 with lock:
-                    for s, _ in poller.poll(250):
+                    # Commands queued while this thread was parked wrote no
+                    # wake-up byte: don't wait on the poll before sending them.
+                    for s, _ in poller.poll(0 if self._commands else 250):
                         if s is sock:
                             self._receive(sock)
-                    if not self._run_commands(sock):
+                    if not self._flush(sock):
                         break
                     self._check_workers(sock)
                 if self._leader_wanted:
@@ -452,20 +423,64 @@ class Client:
     def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
         send_frames(sock, protocol.encode(self._key, kind, fields, frames))
 
-    def _run_commands(self, sock) -> bool:
-        try:
-            os.read(self._wake_r, 4096)
-        except (BlockingIOError, OSError):
-            pass
-        self._woken = False
+    def _flush(self, sock, leader: bool = False) -> bool:
+        """Send everything queued, submits coalesced; False once the client closes.
+
+        A leader leaves ``close`` to the IO thread and stops leading.
+        """
+        if self._woken:
+            self._woken = False
+            try:
+                os.read(self._wake_r, 4096)
+            except (BlockingIOError, OSError):
+                pass
         commands = self._commands
+        entries: list = []
+        objects: list = []
+        frames: list = []
+        unit_frames: list = []
         while commands:
-            kind = commands.popleft()[0]
-            if kind == "close":
+            cmd = commands.popleft()
+            kind = cmd[0]
+            if kind == Kind.SUBMIT:
+                _, tid, fn_digest, fn_payload, refs, parts, meta = cmd
+                if fn_digest not in self._sent_objects:
+                    self._sent_objects.add(fn_digest)
+                    objects.append([fn_digest, 1])
+                    frames.append(fn_payload)
+                entries.append([tid, [fn_digest, *refs], len(parts), meta])
+                unit_frames.extend(parts)
+                if len(entries) >= 4096:
+                    self._send_submit(sock, entries, objects, frames + unit_frames)
+                    entries, objects, frames, unit_frames = [], [], [], []
+                continue
+            if entries:  # keep order: queued tasks leave before what follows them
+                self._send_submit(sock, entries, objects, frames + unit_frames)
+                entries, objects, frames, unit_frames = [], [], [], []
+            if kind == Kind.SCATTER:
+                _, digest, parts = cmd
+                if digest not in self._sent_objects:
+                    self._sent_objects.add(digest)
+                    self._send(sock, Kind.SCATTER, {"ob": [[digest, len(parts)]]}, parts)
+            elif kind == Kind.CANCEL:
+                self._send(sock, Kind.CANCEL, {"t": cmd[1], "rq": cmd[2]})
+            elif kind == "close":
+                if leader:
+                    commands.appendleft(cmd)
+                    return False
                 self._send(sock, Kind.CLIENT_BYE)
                 return False
-            self._send(sock, kind)  # STATUS or CLIENT_HELLO
+            else:
+                self._send(sock, kind)  # STATUS or CLIENT_HELLO
+        if entries:
+            self._send_submit(sock, entries, objects, frames + unit_frames)
         return True
+
+    def _send_submit(self, sock, entries: list, objects: list, frames: list) -> None:
+        fields = {"u": entries}
+        if objects:
+            fields["ob"] = objects
+        self._send(sock, Kind.SUBMIT, fields, frames)
 
     def _receive(self, sock) -> None:
         # Ask the socket whether more is waiting instead of reading until
@@ -557,20 +572,6 @@ class Client:
                 target.set_result(Encoded(_decoder(part, meta, held)))
             else:
                 target.set_exception(decode_exception(part, meta.get("w", "")))
-
-
-class _Sender:
-    """A user thread's own socket to the broker, and the objects sent on it."""
-
-    __slots__ = ("sock", "sent", "thread")
-
-    def __init__(self, sock) -> None:
-        self.sock = sock
-        self.sent: set = set()
-        self.thread = threading.current_thread()
-
-    def send(self, key: bytes, kind: str, fields: dict, frames=()) -> None:
-        send_frames(self.sock, protocol.encode(key, kind, fields, frames))
 
 
 def cf_cancel(future) -> bool:
@@ -720,7 +721,7 @@ class MapResult:
             self._in_flight += 1
             self._cond.notify_all()
         client._pending[tid] = batch
-        client._send_unit(tid, self._fn_digest, self._fn_payload, refs, frames, meta)
+        client._post((Kind.SUBMIT, tid, self._fn_digest, self._fn_payload, refs, frames, meta))
 
     def observe(self, meta: dict) -> None:
         """Learn per-item time from a finished batch (IO thread)."""

@@ -34,6 +34,9 @@ from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
 HEARTBEAT_SECONDS = 1.0
 #: Captured output above this is cut, so a chatty task cannot flood the client.
 MAX_OUTPUT = 1 << 20
@@ -226,11 +229,11 @@ class Worker:
         sys.stdout, sys.stderr = self.stdout._original, self.stderr._original
 
     def _receive(self) -> None:
-        while True:
-            try:
-                frames = recv_frames(self.sock)
-            except zmq.Again:
-                return
+        sock = self.sock
+        # Check for waiting messages rather than reading until zmq.Again:
+        # raising it costs more than the check, twice per task.
+        while sock.get(_EVENTS) & _POLLIN:
+            frames = recv_frames(sock)
             try:
                 msg = protocol.decode(self.key, frames)
             except ProtocolError as exc:
@@ -300,11 +303,12 @@ class Worker:
                 flushed = now
 
     def _flush_results(self) -> None:
-        try:
-            os.read(self._wake_r, 4096)
-        except BlockingIOError:
-            pass
-        self._woken = False
+        if not self.inline:  # slot threads write a wake-up byte; inline needs none
+            self._woken = False
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
         entries, frames = [], []
         outbox = self.outbox
         while outbox:
