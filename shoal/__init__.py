@@ -27,6 +27,7 @@ _EXPORTS = {
     "NoWorkersError": "errors", "RemoteError": "errors", "SerializationError": "errors",
     "ShoalError": "errors",
     "PROTOCOL_VERSION": "protocol",
+    "to_frame": "frames",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -43,6 +44,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list:
     return __all__
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext shoal``: register the ``%shoal`` and ``%%remote`` magics."""
+    from .magics import load_ipython_extension as load
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magics import unload_ipython_extension as unload
+    unload(ipython)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs

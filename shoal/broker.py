@@ -319,6 +319,12 @@ class Broker:
             unit = Unit(next(self._ids), ident, tid, refs, frames[pos:pos + n],
                         protocol.frame_digests(header, pos, pos + n), meta, queued_at=now)
             pos += n
+            target = meta.get("to")
+            if target is not None and not any(w.name == target for w in self.workers.values()):
+                names = ", ".join(sorted(w.name for w in self.workers.values())) or "none"
+                self._send(ident, Kind.ERROR, {"t": [tid], "msg": (
+                    f"no worker is named {target!r} (workers now: {names})")})
+                continue
             self.tasks[unit.bid] = unit
             client.tasks[tid] = unit.bid
             self._enqueue(unit)
@@ -468,7 +474,21 @@ class Broker:
         worker = self.workers.pop(ident, None)
         if worker is not None:
             logger.info("worker %s left", worker.name)
+            self._fail_addressed_to(worker)
             self._requeue(worker)
+
+    def _fail_addressed_to(self, worker: WorkerRecord) -> None:
+        """Units addressed to a worker that left cannot run anywhere else: fail them."""
+        by_client: dict[bytes, list] = {}
+        for unit in list(self.tasks.values()):
+            if unit.meta.get("to") == worker.name and unit.state in (QUEUED, PARKED, RUNNING):
+                del self.tasks[unit.bid]
+                worker.running.pop(unit.bid, None)
+                unit.state = "failed"
+                by_client.setdefault(unit.client, []).append(unit.tid)
+        for client, tids in by_client.items():
+            self._send(client, Kind.ERROR, {"t": tids, "msg": f"worker {worker.name} left before "
+                                                              "running the task addressed to it"})
 
     def _requeue(self, worker: WorkerRecord) -> None:
         for rid, request in list(self.cancels.items()):
@@ -555,6 +575,10 @@ class Broker:
             host = unit.meta.get("h")
             if host and host != worker.host:
                 skipped.append(unit)  # needs shared memory on another host
+                continue
+            target = unit.meta.get("to")
+            if target is not None and target != worker.name:
+                skipped.append(unit)  # addressed to another worker
                 continue
             taken.append(unit)
         if skipped:

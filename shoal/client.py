@@ -151,6 +151,24 @@ class Client:
         Raises :class:`~shoal.SerializationError` at once, naming the argument
         or captured variable, if something cannot be pickled.
         """
+        return self._submit(fn, args, kwargs, None)
+
+    def submit_to(self, worker: str, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+        """Like :meth:`submit`, on the worker named ``worker`` (see :meth:`worker_names`).
+
+        The future fails with :class:`~shoal.BrokerError` if no worker has that name.
+        """
+        return self._submit(fn, args, kwargs, str(worker))
+
+    def run(self, fn: Callable, *args: Any, **kwargs: Any) -> dict:
+        """Run ``fn(*args, **kwargs)`` once on every worker: ``{worker name: Future}``."""
+        return {name: self._submit(fn, args, kwargs, name) for name in self.worker_names()}
+
+    def worker_names(self, timeout: float = 10.0) -> list:
+        """Names of the workers registered now."""
+        return [w["name"] for w in self.status(timeout)["worker_list"]]
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, worker: Optional[str]) -> Future:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"submit() needs a callable first, not {type(fn).__name__}")
@@ -159,6 +177,8 @@ class Client:
             lambda: serialize.dumps_call(fn, args, kwargs, shm=self._shm_ok))
         if kwargs:
             meta["kw"] = 1
+        if worker is not None:
+            meta["to"] = worker
         tid = next(self._tids)
         if "sb" in meta:
             meta["h"] = self._host
@@ -170,19 +190,32 @@ class Client:
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
-            timeout: Optional[float] = None) -> "MapResult":
+            timeout: Optional[float] = None, progress: Optional[bool] = None) -> "MapResult":
         """Apply ``fn`` to every item (several iterables are zipped, like ``map``).
 
         Items go in batches sized from measured task time unless ``batch_size``
         is given.  Any iterable works, generators included; it is consumed as
         workers free up.  Iterate the result for values in input order.
+        ``progress=False`` turns off the live display a notebook shows.
         """
         self._check_open()
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        return MapResult(self, fn, iterables, batch_size, timeout)
+        result = MapResult(self, fn, iterables, batch_size, timeout)
+        result.progress = progress
+        return result
+
+    def sweep(self, fn: Callable, progress: Optional[bool] = None, **grids: Iterable):
+        """Run ``fn(**point)`` over the cartesian product of keyword ``grids``.
+
+        >>> df = client.sweep(simulate, alpha=[0.1, 0.5], seed=range(100))
+
+        Returns a pandas DataFrame, one row per point (see :meth:`MapResult.to_frame`).
+        """
+        from .frames import sweep
+        return sweep(self, fn, progress=progress, **grids)
 
     def gather(self, futures: Iterable[Any], timeout: Optional[float] = None) -> list:
         """Results of ``futures`` (a list, or a MapResult) in order; raises the first error."""
@@ -509,8 +542,10 @@ class Client:
                         waiter.set_result(msg.header)
             elif kind == Kind.ERROR:
                 text = msg.header.get("msg", "unknown error")
-                logger.error("broker: %s", text)
-                for tid in msg.header.get("t", ()):
+                tids = msg.header.get("t")
+                if not tids:  # otherwise the failed futures carry the message
+                    logger.error("broker: %s", text)
+                for tid in tids or ():
                     self._fail(tid, BrokerError(text))
 
     def _learn(self, header: dict) -> None:
@@ -565,6 +600,8 @@ class Client:
             if "e" in meta:
                 target.stderr = meta["e"]
             if isinstance(target, _Batch):
+                target.started = meta.get("s")
+                target.duration = meta.get("t")
                 target.map.observe(meta)
             if target.done():  # cancelled meanwhile
                 continue
@@ -607,13 +644,22 @@ def attach_traceback(exc: BaseException, tb_text: str, worker: str) -> BaseExcep
 
 # ----------------------------------------------------------------- map
 class _Batch(Future):
-    """One batch of a map on the wire; its result is ``(values, errors)``."""
+    """One batch of a map on the wire; its result is ``(values, errors)``.
 
-    def __init__(self, key, client, mapresult: "MapResult", start: int, count: int) -> None:
+    ``items`` are its inputs (kept unless the map's input is a generator),
+    ``started`` the wall-clock time it began on its worker and ``duration``
+    the seconds its items took there.
+    """
+
+    def __init__(self, key, client, mapresult: "MapResult", start: int, count: int,
+                 items: Optional[list]) -> None:
         super().__init__(key, client)
         self.map = mapresult
         self.start = start
         self.count = count
+        self.items = items
+        self.started: Optional[float] = None
+        self.duration: Optional[float] = None
 
 
 class MapResult:
@@ -637,6 +683,9 @@ class MapResult:
         except TypeError:
             self.total = None
         self._fixed_batch = batch_size
+        #: inputs are kept per batch (for to_frame) unless the input is a generator
+        self.keep_inputs = self.total is not None
+        self.progress: Optional[bool] = None
         self._batches: list[_Batch] = []
         self._cond = threading.Condition()
         self._in_flight = 0
@@ -713,7 +762,7 @@ class MapResult:
         if "sb" in meta:
             meta["h"] = client._host
             client._segments[tid] = serialize.segment_names(meta)
-        batch = _Batch(tid, client, self, start, len(items))
+        batch = _Batch(tid, client, self, start, len(items), items if self.keep_inputs else None)
         batch.add_done_callback(self._batch_done)
         with self._cond:
             self._batches.append(batch)
@@ -800,6 +849,21 @@ class MapResult:
                     self._item_futures.extend(items)
                     batch.add_done_callback(lambda b, items=items: _settle_items(b, items))
             return list(self._item_futures)
+
+    @property
+    def batches(self) -> list:
+        """The batches sent so far (futures with ``start``, ``count``, ``items``, ``worker``)."""
+        with self._cond:
+            return list(self._batches)
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per item so far: inputs, result, status, worker, timings."""
+        from .frames import to_frame
+        return to_frame(self)
+
+    def _ipython_display_(self) -> None:
+        from .progress import display_progress
+        display_progress(self)
 
     def cancel(self) -> None:
         """Stop sending items and cancel every batch not yet finished."""

@@ -78,6 +78,10 @@ class ObjectStore:
 
 store = ObjectStore()
 
+#: A namespace that lives as long as the worker process, for code that sets up
+#: state once and uses it in later tasks (the notebook's ``%%remote`` cells).
+namespace: dict = {"__name__": "__shoal_worker__"}
+
 
 def resolve_ref(digest: bytes) -> Any:
     """Unpickling hook for :class:`shoal.client.Ref`: the scattered value itself."""
@@ -320,6 +324,7 @@ class Worker:
 
     def _execute(self, bid: int, refs: list, frames: list, meta: dict) -> tuple:
         reply_shm = "h" in meta
+        started = time.time()
         self.stdout.begin()
         self.stderr.begin()
         elapsed = 0.0
@@ -350,7 +355,7 @@ class Worker:
             if elapsed == 0.0 and "start" in locals():
                 elapsed = time.perf_counter() - start
             out_frames, shm_meta, status = encode_exception(exc), {}, "err"
-        reply = {"t": elapsed}
+        reply = {"t": elapsed, "s": started}
         if shm_meta:
             reply.update(shm_meta)
         if meta.get("m"):
