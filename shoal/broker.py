@@ -45,6 +45,7 @@ DROP_LOG_PER_SECOND = 5
 PARK_SECONDS = 30.0
 
 QUEUED, RUNNING, PARKED = "queued", "running", "parked"
+_COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 
 
 @dataclass
@@ -84,6 +85,7 @@ class WorkerRecord:
     done: int = 0
     mean_time: Optional[float] = None
     last_seen: float = 0.0
+    control: Optional[bytes] = None  # the worker's control socket (heartbeats, interrupts)
 
     @property
     def prefetch(self) -> int:
@@ -111,6 +113,7 @@ class CancelRequest:
     at: float
     withdrawn: list = field(default_factory=list)
     workers: set = field(default_factory=set)
+    interrupted: int = 0  # counted when their results (status "cancelled") arrive
 
 
 @dataclass
@@ -175,6 +178,7 @@ class Broker:
             Kind.WORKER_HELLO: self._on_worker_hello,
             Kind.RESULTS: self._on_results,
             Kind.HEARTBEAT: self._on_heartbeat,
+            Kind.OUTPUT: self._on_output,
             Kind.WORKER_BYE: self._on_worker_bye,
         }
 
@@ -360,6 +364,7 @@ class Broker:
         ident = header.get("rt", ident)
         client = self._client(ident)
         request = CancelRequest(ident, header.get("rq"), time.monotonic())
+        running_too = bool(header.get("r", True))
         forward: dict[bytes, list] = {}
         for tid in header["t"]:
             bid = client.tasks.get(tid)
@@ -380,12 +385,20 @@ class Broker:
         request.workers = set(forward)
         self.cancels[rid] = request
         for worker, bids in forward.items():
-            self._send(worker, Kind.CANCEL, {"b": bids, "rq": rid})
+            record = self.workers[worker]
+            self._send(record.control or worker, Kind.CANCEL, {"b": bids, "rq": rid, "r": running_too})
 
     def _on_worker_cancelled(self, ident: bytes, msg: protocol.Message) -> None:
-        """A worker's answer: which of the forwarded units it had not started."""
-        worker = self.workers.get(ident)
+        """A worker's answer: units it withdrew before they started (``b``) and running
+        units it interrupted (``i``; their results, status "cancelled", follow)."""
+        worker = self._worker_of(ident, msg.header)
         request = self.cancels.get(msg.header.get("rq"))
+        if request is not None and worker is not None:
+            for bid in msg.header.get("i", ()):
+                unit = worker.running.get(bid)
+                if unit is not None:
+                    request.withdrawn.append(unit.tid)
+                    request.interrupted += 1
         for bid in msg.header["b"]:
             unit = worker.running.pop(bid, None) if worker else None
             if unit is None or self.tasks.pop(bid, None) is None:
@@ -396,8 +409,8 @@ class Broker:
             unit.state = "cancelled"
             if request is not None:
                 request.withdrawn.append(unit.tid)
-        if request is not None:
-            self._cancel_answered(msg.header["rq"], ident)
+        if request is not None and worker is not None:
+            self._cancel_answered(msg.header["rq"], worker.ident)
 
     def _cancel_answered(self, rid: int, worker: bytes) -> None:
         request = self.cancels[rid]
@@ -407,7 +420,7 @@ class Broker:
             self._finish_cancel(request)
 
     def _finish_cancel(self, request: "CancelRequest") -> None:
-        self.counts["cancelled"] += len(request.withdrawn)
+        self.counts["cancelled"] += len(request.withdrawn) - request.interrupted
         self._send(request.client, Kind.CANCELLED, {"t": request.withdrawn, "rq": request.rq})
 
     def _on_status(self, ident: bytes, msg: protocol.Message) -> None:
@@ -466,7 +479,8 @@ class Broker:
         if old is not None:
             self._requeue(old)
         self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
-                                           int(h.get("pid", 0)), last_seen=time.monotonic())
+                                           int(h.get("pid", 0)), last_seen=time.monotonic(),
+                                           control=h.get("ctl"))
         logger.info("worker %s joined with %d slot(s)", name, slots)
         self._send(ident, Kind.WELCOME, {"name": name})
 
@@ -502,12 +516,32 @@ class Broker:
                 self.queue.appendleft(unit)
         worker.running.clear()
 
+    def _worker_of(self, ident: bytes, header: dict) -> Optional[WorkerRecord]:
+        """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
+        worker = self.workers.get(header.get("wid", ident))
+        if worker is not None and ident not in (worker.ident, worker.control):
+            return None  # a control message must come from that worker's control socket
+        return worker
+
     def _on_heartbeat(self, ident: bytes, msg: protocol.Message) -> None:
-        worker = self.workers.get(ident)
+        worker = self._worker_of(ident, msg.header)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        else:
+        elif "wid" not in msg.header:
             self._client(ident)
+
+    def _on_output(self, ident: bytes, msg: protocol.Message) -> None:
+        """What a running task printed: pass it on to the task's client."""
+        worker = self._worker_of(ident, msg.header)
+        unit = worker.running.get(msg.header["b"]) if worker is not None else None
+        if unit is None:
+            return  # finished meanwhile: its result carries all of its output
+        worker.last_seen = time.monotonic()
+        fields = {"t": unit.tid}
+        for stream in ("o", "e"):
+            if stream in msg.header:
+                fields[stream] = msg.header[stream]
+        self._send(unit.client, Kind.OUTPUT, fields)
 
     def _on_results(self, ident: bytes, msg: protocol.Message) -> None:
         worker = self.workers.get(ident)
@@ -531,7 +565,7 @@ class Broker:
             t = meta.get("t")
             if t is not None:
                 worker.observe(t / max(1, meta.get("n", 1)) if meta.get("n") else t)
-            self.counts["done" if status == "ok" else "failed"] += 1
+            self.counts[_COUNTED.get(status, "failed")] += 1
             meta["w"] = worker.name
             entries, out_frames, digests = outgoing.setdefault(unit.client, ([], [], {}))
             base = len(out_frames)

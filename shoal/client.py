@@ -266,16 +266,18 @@ class Client:
                                      f"{self.address} after {timeout:g} s")
             time.sleep(0.02)  # polling the broker with a deadline, not synchronising
 
-    def cancel(self, futures: Iterable[Future], timeout: float = 10.0) -> int:
+    def cancel(self, futures: Iterable[Future], running: bool = True,
+               timeout: float = 10.0) -> int:
         """Cancel several futures with one request; return how many were cancelled.
 
-        A task still queued (at the broker, or prefetched by a worker and not
-        started) is withdrawn and its future cancelled; a running or finished
-        one is left alone, as ``concurrent.futures`` does.
+        A task still queued (at the broker, or prefetched by a worker) is
+        withdrawn.  A running task is interrupted (an exception is raised inside
+        it; its worker goes on serving) unless ``running=False``, which leaves
+        running tasks alone as ``concurrent.futures`` executors do.
         """
         futures = [f for f in futures if not f.done()]
         by_key = {f.key: f for f in futures}
-        withdrawn = self._cancel_keys(list(by_key), timeout)
+        withdrawn = self._cancel_keys(list(by_key), timeout, running)
         n = 0
         for key in withdrawn:
             future = by_key.get(key)
@@ -397,13 +399,16 @@ class Client:
             self._leader_wanted = False
             self._lead_lock.release()
 
-    def _cancel_keys(self, keys: list, timeout: float = 10.0) -> set:
-        """Ask the broker to withdraw tasks; return the keys it withdrew."""
+    def _cancel_keys(self, keys: list, timeout: float = 10.0, running: bool = True) -> set:
+        """Ask the broker to withdraw (and, if ``running``, interrupt) tasks.
+
+        Returns the keys it withdrew or interrupted.
+        """
         if not keys or self._closed:
             return set()
         request = next(self._tids)
         reply = self._replies[request] = Future(("cancel", request))
-        self._post((Kind.CANCEL, keys, request))
+        self._post((Kind.CANCEL, keys, request, running))
         if threading.current_thread() is self._thread:
             return set()  # a done-callback on the IO thread cannot wait for the answer
         try:
@@ -496,7 +501,7 @@ class Client:
                     self._sent_objects.add(digest)
                     self._send(sock, Kind.SCATTER, {"ob": [[digest, len(parts)]]}, parts)
             elif kind == Kind.CANCEL:
-                self._send(sock, Kind.CANCEL, {"t": cmd[1], "rq": cmd[2]})
+                self._send(sock, Kind.CANCEL, {"t": cmd[1], "rq": cmd[2], "r": cmd[3]})
             elif kind == "close":
                 if leader:
                     commands.appendleft(cmd)
@@ -528,6 +533,10 @@ class Client:
             kind = msg.kind
             if kind == Kind.RESULTS:
                 self._on_results(msg)
+            elif kind == Kind.OUTPUT:
+                target = self._pending.get(msg.header.get("t"))
+                if target is not None:
+                    target._live_output(msg.header.get("o", ""), msg.header.get("e", ""))
             elif kind == Kind.CANCELLED:
                 waiter = self._replies.get(msg.header.get("rq"))
                 if waiter is not None and not waiter.done():
@@ -595,10 +604,8 @@ class Client:
             if target is None:
                 continue
             target.worker = meta.get("w")
-            if "o" in meta:
-                target.stdout = meta["o"]
-            if "e" in meta:
-                target.stderr = meta["e"]
+            if "o" in meta or "e" in meta:
+                target._final_output(meta.get("o", ""), meta.get("e", ""))
             if isinstance(target, _Batch):
                 target.started = meta.get("s")
                 target.duration = meta.get("t")
@@ -607,6 +614,8 @@ class Client:
                 continue
             if status == "ok":
                 target.set_result(Encoded(_decoder(part, meta, held)))
+            elif status == "cancelled":
+                cf_cancel(target)
             else:
                 target.set_exception(decode_exception(part, meta.get("w", "")))
 
@@ -968,8 +977,8 @@ class Executor(cf.Executor):
         with self._lock:
             self._shutdown = True
             pending = [f for f in list(self._futures) if not f.done()]
-        if cancel_futures:
-            self.client.cancel(pending)
+        if cancel_futures:  # as the stdlib does: only what has not started
+            self.client.cancel(pending, running=False)
         if wait:
             cf.wait(pending)
 

@@ -36,3 +36,14 @@ class RemoteError(ShoalError):
 
     def __reduce__(self):
         return type(self), (self.type_name, self.message)
+
+
+class TaskTimeout(ShoalError, TimeoutError):
+    """A task ran past its ``timeout`` and was stopped; its worker goes on serving."""
+
+    def __init__(self, message: str, timeout: float = 0.0) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+    def __reduce__(self):
+        return type(self), (str(self), self.timeout)

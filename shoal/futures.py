@@ -53,8 +53,9 @@ class Future(cf.Future):
         fut.result(timeout=10)      # -> 1024
         await fut                   # in asyncio
 
-    ``cancel()`` withdraws a task still queued at the broker.  ``stdout``,
-    ``stderr`` and ``worker`` tell what the task printed and where it ran.
+    ``cancel()`` withdraws a queued task and interrupts a running one.
+    ``stdout``, ``stderr`` and ``worker`` tell what the task printed (so far,
+    while it runs) and where it ran.
     """
 
     def __init__(self, key: Any = None, client: Any = None) -> None:
@@ -64,6 +65,38 @@ class Future(cf.Future):
         self.stdout: str = ""
         self.stderr: str = ""
         self._client = client
+        self._output_callbacks: list = []
+
+    # -- output ----------------------------------------------------------------
+    def add_output_callback(self, fn: Callable[[str, str], Any]) -> None:
+        """Call ``fn(stream, text)`` as the task prints (``stream``: "stdout" or "stderr").
+
+        Called from the client's IO thread, about every 0.1 s while the task
+        runs, and once more with whatever remained when it finishes.  Output
+        printed before the callback was added is replayed to it first.
+        """
+        self._output_callbacks.append(fn)
+        for stream in ("stdout", "stderr"):
+            text = getattr(self, stream)
+            if text:
+                _call(fn, stream, text)
+
+    def _live_output(self, out: str, err: str) -> None:
+        for stream, text in (("stdout", out), ("stderr", err)):
+            if text:
+                setattr(self, stream, getattr(self, stream) + text)
+                for fn in self._output_callbacks:
+                    _call(fn, stream, text)
+
+    def _final_output(self, out: str, err: str) -> None:
+        # The result carries all output; pass on what live updates did not.
+        for stream, full in (("stdout", out), ("stderr", err)):
+            seen = getattr(self, stream)
+            rest = full[len(seen):] if full.startswith(seen) else full
+            setattr(self, stream, full)
+            if rest:
+                for fn in self._output_callbacks:
+                    _call(fn, stream, rest)
 
     # -- results -----------------------------------------------------------
     def result(self, timeout: Optional[float] = None) -> Any:
@@ -101,11 +134,12 @@ class Future(cf.Future):
 
     # -- cancellation --------------------------------------------------------
     def cancel(self) -> bool:
-        """Cancel the task if it has not started; return whether it was cancelled.
+        """Cancel the task; return whether it was cancelled.
 
-        A task still queued (at the broker, or prefetched by a worker) is
-        withdrawn; a running or finished one is not, and this returns False,
-        as :meth:`concurrent.futures.Future.cancel` does.
+        A queued task (at the broker, or prefetched by a worker) is withdrawn;
+        a running one is interrupted: an exception is raised inside it (a
+        blocking ``time.sleep`` included) and its worker goes on serving.
+        Returns False once the result has arrived.
         """
         with self._condition:
             if self._state == "FINISHED":
@@ -129,6 +163,14 @@ class Future(cf.Future):
                 state = "error" if self._exception is not None else "finished"
         where = f" on {self.worker}" if self.worker else ""
         return f"<shoal.Future {self.key!r} {state}{where}>"
+
+
+def _call(fn: Callable, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        import logging
+        logging.getLogger(__name__).exception("output callback %r failed", fn)
 
 
 def as_completed(futures: Iterable[cf.Future], timeout: Optional[float] = None) -> Iterator[cf.Future]:

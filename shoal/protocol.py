@@ -42,6 +42,7 @@ class Kind:
     WORKER_HELLO = "wh"
     RESULTS = "res"          # one or more finished units
     HEARTBEAT = "hb"
+    OUTPUT = "out"           # what a running task printed (worker -> broker -> client)
     WORKER_BYE = "wb"
     # broker -> worker
     TASKS = "tk"

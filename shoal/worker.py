@@ -11,10 +11,10 @@ Run it with ``shoal worker tcp://HOST:PORT`` or ``shoal worker --connection-file
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import sys
@@ -27,7 +27,9 @@ from typing import Any, Optional
 import zmq
 
 from . import protocol, serialize
-from .errors import RemoteError
+from .capture import OutputRouter
+from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
+from .errors import RemoteError, TaskTimeout
 from .protocol import Kind, ProtocolError
 from .security import find_local_broker, read_connection_file, read_key_file
 from .transport import recv_frames, send_frames
@@ -37,9 +39,6 @@ logger = logging.getLogger(__name__)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
-HEARTBEAT_SECONDS = 1.0
-#: Captured output above this is cut, so a chatty task cannot flood the client.
-MAX_OUTPUT = 1 << 20
 
 
 # ----------------------------------------------------------------- objects
@@ -88,43 +87,6 @@ def resolve_ref(digest: bytes) -> Any:
     return store.get(digest)
 
 
-# ----------------------------------------------------------------- output capture
-class _OutputRouter(io.TextIOBase):
-    """Stands in for sys.stdout/stderr: a slot thread's writes go to its own buffer."""
-
-    def __init__(self, original) -> None:
-        self._original = original
-        self._local = threading.local()
-
-    def begin(self) -> None:
-        self._local.buf = io.StringIO()
-
-    def end(self) -> str:
-        buf = getattr(self._local, "buf", None)
-        self._local.buf = None
-        text = buf.getvalue() if buf is not None else ""
-        if len(text) > MAX_OUTPUT:
-            text = text[:MAX_OUTPUT] + f"\n[shoal: output cut at {MAX_OUTPUT} characters]\n"
-        return text
-
-    def write(self, s: str) -> int:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            return self._original.write(s)
-        return buf.write(s)
-
-    def flush(self) -> None:
-        if getattr(self._local, "buf", None) is None:
-            self._original.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self):
-        return getattr(self._original, "encoding", "utf-8")
-
-
 def _remote_traceback(exc: BaseException) -> str:
     # Drop the worker's own frame so the user's function is the first line shown.
     tb = exc.__traceback__
@@ -157,7 +119,11 @@ class Worker:
         self.parent_pid = parent_pid
         self.host = serialize.host_id()
         self.ctx = zmq.Context.instance()
+        # Named sockets: the control thread's socket tells the broker which
+        # worker it speaks for by this identity.
+        self.ident = b"w" + secrets.token_bytes(15)
         self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.ident)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -168,14 +134,19 @@ class Worker:
         os.set_blocking(self._wake_r, False)
         self._woken = False
         self._stopping = False
-        self.stdout = _OutputRouter(sys.stdout)
-        self.stderr = _OutputRouter(sys.stderr)
+        self.stdout = OutputRouter(sys.stdout)
+        self.stderr = OutputRouter(sys.stderr)
         # One slot runs tasks inline on the socket thread: no thread hand-off on
         # the latency path.  More slots are threads fed through ``inbox``.
         self.inline = slots == 1
         self.pending: deque = deque()
         # Units received and not started, by id: a cancel removes them here.
         self.waiting: dict[int, tuple] = {}
+        # Running units: the thread running each, its output, its deadline.
+        self.running_now: dict[int, int] = {}
+        self.captures: dict[int, tuple] = {}
+        self.deadlines: dict[int, float] = {}
+        self.control = Control(self)
         self.threads = [] if self.inline else [
             threading.Thread(target=self._slot, name=f"shoal-slot-{i}", daemon=True)
             for i in range(slots)]
@@ -186,34 +157,28 @@ class Worker:
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
         sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.control.install()
         for t in self.threads:
             t.start()
-        self._send(Kind.WORKER_HELLO, {"name": self.name, "slots": self.slots,
-                                       "host": self.host, "pid": os.getpid()})
+        self._send(Kind.WORKER_HELLO, {"name": self.name, "slots": self.slots, "host": self.host,
+                                       "pid": os.getpid(), "ctl": self.control.socket_id})
+        self.control.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_beat = time.monotonic() + HEARTBEAT_SECONDS
         try:
             while not self._stopping:
-                wait = int(max(0.0, next_beat - time.monotonic()) * 1000) + 1
                 if self.inline:
                     # Only the socket to watch: the cheapest wait on the latency path.
-                    if self.sock.poll(wait):
+                    if self.sock.poll(250):
                         self._receive()
                         self._run_pending()
                 else:
-                    for sock, _ in poller.poll(wait):
+                    for sock, _ in poller.poll(250):
                         if sock is self.sock:
                             self._receive()
                         else:
                             self._flush_results()
-                if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
-                    self._send(Kind.HEARTBEAT, {"running": self.inbox.qsize()})
-                    if self.parent_pid and os.getppid() != self.parent_pid:
-                        logger.info("parent process %d is gone; worker stopping", self.parent_pid)
-                        break
         finally:
             self._close()
 
@@ -222,15 +187,17 @@ class Worker:
         os.write(self._wake_w, b"x")
 
     def _close(self) -> None:
+        self.control.stop()
         try:
             self._send(Kind.WORKER_BYE)
         except zmq.ZMQError:
             pass
+        self.control.join(2)
         for _ in self.threads:
             self.inbox.put(None)
         self.sock.close(linger=500)
         serialize.segments.unlink_all()
-        sys.stdout, sys.stderr = self.stdout._original, self.stderr._original
+        sys.stdout, sys.stderr = self.stdout.original, self.stderr.original
 
     def _receive(self) -> None:
         sock = self.sock
@@ -245,8 +212,6 @@ class Worker:
                 continue
             if msg.kind == Kind.TASKS:
                 self._on_tasks(msg)
-            elif msg.kind == Kind.CANCEL:
-                self._on_cancel(msg)
             elif msg.kind == Kind.SHUTDOWN:
                 logger.info("broker asked this worker to stop")
                 self._stopping = True
@@ -271,24 +236,22 @@ class Worker:
             put(bid)
             pos += n
 
-    def _on_cancel(self, msg: protocol.Message) -> None:
-        withdrawn = [bid for bid in msg.header["b"] if self.waiting.pop(bid, None) is not None]
-        self._send(Kind.CANCELLED, {"b": withdrawn, "rq": msg.header["rq"]})
-
     # -- slots
     def _slot(self) -> None:
         while True:
-            bid = self.inbox.get()
-            if bid is None:
-                return
-            unit = self.waiting.pop(bid, None)
-            if unit is None:
-                continue  # cancelled before it started
-            result = self._execute(*unit)
-            self.outbox.append(result)
-            if not self._woken:
-                self._woken = True
-                os.write(self._wake_w, b"x")
+            try:
+                bid = self.inbox.get()
+                if bid is None:
+                    return
+                unit = self.waiting.pop(bid, None)
+                if unit is None:
+                    continue  # cancelled before it started
+                self.outbox.append(self._run_unit(unit))
+                if not self._woken:
+                    self._woken = True
+                    os.write(self._wake_w, b"x")
+            except Interrupted:
+                continue  # an interrupt that missed its unit must not end the slot
 
     def _run_pending(self) -> None:
         """Run queued units inline, sending results in batches of ~1 ms of work."""
@@ -298,7 +261,7 @@ class Worker:
         while pending and not self._stopping:
             unit = waiting.pop(pending.popleft(), None)
             if unit is not None:  # else cancelled before it started
-                outbox.append(self._execute(*unit))
+                outbox.append(self._run_unit(unit))
             if not pending:
                 self._receive()  # pick up work that arrived meanwhile
             now = time.perf_counter()
@@ -322,11 +285,22 @@ class Worker:
         if entries:
             self._send(Kind.RESULTS, {"r": entries}, frames)
 
+    def _run_unit(self, unit: tuple) -> tuple:
+        try:
+            return self._execute(*unit)
+        except Interrupted:
+            # An interrupt that landed after the task itself had finished.
+            return unit[0], "cancelled", [], {}
+
     def _execute(self, bid: int, refs: list, frames: list, meta: dict) -> tuple:
         reply_shm = "h" in meta
         started = time.time()
-        self.stdout.begin()
-        self.stderr.begin()
+        thread = threading.get_ident()
+        self.captures[bid] = (self.stdout.begin(), self.stderr.begin())
+        timeout = meta.get("tmo")
+        if timeout:
+            self.deadlines[bid] = time.monotonic() + timeout
+        self.running_now[bid] = thread
         elapsed = 0.0
         try:
             fn = store.get(refs[0])
@@ -351,10 +325,22 @@ class Worker:
                     f"the result of {serialize.fn_name(fn)!r}, of type "
                     f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}")
                 out_frames, shm_meta, status = encode_exception(err), {}, "err"
+        except CancelInterrupt:
+            out_frames, shm_meta, status = [], {}, "cancelled"
+        except TimeoutInterrupt:
+            err = TaskTimeout(f"the task ran past its timeout of {timeout:g} s on worker "
+                              f"{self.name} and was stopped", timeout)
+            out_frames, shm_meta, status = encode_exception(err), {}, "err"
         except BaseException as exc:  # the task's own failure, reported, never fatal here
             if elapsed == 0.0 and "start" in locals():
                 elapsed = time.perf_counter() - start
             out_frames, shm_meta, status = encode_exception(exc), {}, "err"
+        finally:
+            # First of all, so a late interrupt no longer targets this unit.
+            self.running_now.pop(bid, None)
+            self.deadlines.pop(bid, None)
+            self.captures.pop(bid, None)
+            self.control.consume(thread)
         reply = {"t": elapsed, "s": started}
         if shm_meta:
             reply.update(shm_meta)

@@ -1,0 +1,171 @@
+"""A worker's control thread: heartbeats, live output, interrupts.
+
+A task runs on the worker's main thread (or a slot thread) and may hold it
+for hours, so everything that must happen meanwhile has its own thread and
+its own socket to the broker:
+
+* a heartbeat every :data:`HEARTBEAT_SECONDS`, so the broker can tell a
+  busy worker from a dead one;
+* what running tasks print, streamed every :data:`STREAM_SECONDS`;
+* cancel requests: a unit not started is withdrawn, a running one is
+  interrupted; and per-task timeouts, enforced the same way.
+
+An interrupt raises an exception inside the task: by a signal on the main
+thread (which also breaks ``time.sleep`` and other blocking calls), or with
+``PyThreadState_SetAsyncExc`` on a slot thread (at its next bytecode).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import zmq
+
+from . import protocol
+from .protocol import Kind, ProtocolError
+from .transport import recv_frames, send_frames
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+#: How often a worker tells the broker it is alive.
+HEARTBEAT_SECONDS = 1.0
+#: How often printed output of running tasks is sent on.
+STREAM_SECONDS = 0.1
+INTERRUPT_SIGNAL = signal.SIGUSR2
+
+
+class Interrupted(BaseException):
+    """Raised inside a task that is being stopped; a BaseException, so that
+    ``except Exception`` in user code does not swallow it."""
+
+
+class CancelInterrupt(Interrupted):
+    """The task was cancelled by its client."""
+
+
+class TimeoutInterrupt(Interrupted):
+    """The task ran past its ``timeout``."""
+
+
+class Control(threading.Thread):
+    """The control thread of ``worker``."""
+
+    def __init__(self, worker: "Worker") -> None:
+        super().__init__(name="shoal-control", daemon=True)
+        self.worker = worker
+        self.socket_id = b"x" + worker.ident[1:]
+        self.sock = worker.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.socket_id)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.connect(worker.address)
+        self.main_thread = threading.main_thread().ident
+        self._pending_interrupts: dict[int, tuple] = {}  # thread id -> (bid, exception type)
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+
+    def install(self) -> None:
+        """Install the interrupt signal handler; call from the main thread."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(INTERRUPT_SIGNAL, self._on_signal)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def _send(self, kind: str, fields: dict) -> None:
+        fields["wid"] = self.worker.ident
+        send_frames(self.sock, protocol.encode(self.worker.key, kind, fields))
+
+    def run(self) -> None:
+        worker = self.worker
+        next_beat = 0.0
+        try:
+            while not self._halt.is_set():
+                if self.sock.poll(int(STREAM_SECONDS * 1000)):
+                    self._receive()
+                self._stream()
+                self._enforce_timeouts()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT_SECONDS
+                    self._send(Kind.HEARTBEAT, {"running": list(worker.running_now)})
+                    if worker.parent_pid and os.getppid() != worker.parent_pid:
+                        logger.info("parent process %d is gone; worker stopping", worker.parent_pid)
+                        worker.stop()
+        except Exception:
+            logger.exception("worker control thread failed")
+        finally:
+            self.sock.close(linger=500)
+
+    def _receive(self) -> None:
+        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                msg = protocol.decode(self.worker.key, recv_frames(self.sock))
+            except ProtocolError as exc:
+                logger.warning("dropped a control message: %s", exc)
+                continue
+            if msg.kind == Kind.CANCEL:
+                self._on_cancel(msg.header)
+
+    def _on_cancel(self, header: dict) -> None:
+        """Withdraw units not started; interrupt running ones if asked to."""
+        worker = self.worker
+        withdrawn = [bid for bid in header["b"] if worker.waiting.pop(bid, None) is not None]
+        interrupted = []
+        if header.get("r", True):
+            for bid in header["b"]:
+                if self.interrupt(bid, CancelInterrupt):
+                    interrupted.append(bid)
+        self._send(Kind.CANCELLED, {"b": withdrawn, "i": interrupted, "rq": header.get("rq")})
+
+    def _stream(self) -> None:
+        for bid, (out, err) in list(self.worker.captures.items()):
+            text_out, text_err = out.take_new(), err.take_new()
+            if text_out or text_err:
+                fields = {"b": bid}
+                if text_out:
+                    fields["o"] = text_out
+                if text_err:
+                    fields["e"] = text_err
+                self._send(Kind.OUTPUT, fields)
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for bid, deadline in list(self.worker.deadlines.items()):
+            if now > deadline:
+                self.worker.deadlines.pop(bid, None)
+                self.interrupt(bid, TimeoutInterrupt)
+
+    # -- interrupts
+    def interrupt(self, bid: int, exc_type: type) -> bool:
+        """Raise ``exc_type`` inside the running unit ``bid``; False if it is not running."""
+        thread_id = self.worker.running_now.get(bid)
+        if thread_id is None:
+            return False
+        with self._lock:
+            self._pending_interrupts[thread_id] = (bid, exc_type)
+        if thread_id == self.main_thread and signal.getsignal(INTERRUPT_SIGNAL) == self._on_signal:
+            signal.pthread_kill(thread_id, INTERRUPT_SIGNAL)
+        else:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                                       ctypes.py_object(exc_type))
+        return True
+
+    def _on_signal(self, signum, frame) -> None:
+        with self._lock:
+            entry = self._pending_interrupts.pop(self.main_thread, None)
+        # Raise only in the unit it was meant for, not in one that began since.
+        if entry is not None and self.worker.running_now.get(entry[0]) == self.main_thread:
+            raise entry[1]()
+
+    def consume(self, thread_id: int) -> None:
+        """Forget an interrupt that arrived after its unit finished."""
+        with self._lock:
+            self._pending_interrupts.pop(thread_id, None)
