@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Client": "client", "Executor": "client", "MapResult": "client", "Ref": "client",
+    "Client": "client", "Executor": "executor", "MapResult": "mapping", "Ref": "refs",
     "get_client": "client",
     "Cluster": "cluster", "ClusterError": "cluster",
     "Future": "futures", "as_completed": "futures", "wait": "futures",
@@ -58,7 +58,10 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .client import Client, Executor, MapResult, Ref, get_client  # noqa: F401
+    from .client import Client, get_client  # noqa: F401
+    from .executor import Executor  # noqa: F401
+    from .mapping import MapResult  # noqa: F401
+    from .refs import Ref  # noqa: F401
     from .cluster import Cluster, ClusterError  # noqa: F401
     from .errors import (BrokerError, BrokerUnreachable, ClientClosed,  # noqa: F401
                          NoWorkersError, RemoteError, SerializationError, ShoalError)

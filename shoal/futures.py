@@ -165,6 +165,12 @@ class Future(cf.Future):
         return f"<shoal.Future {self.key!r} {state}{where}>"
 
 
+def attach_traceback(exc: BaseException, tb_text: str, worker: str) -> BaseException:
+    """Set ``exc.__cause__`` to the remote traceback, so Python prints it; return ``exc``."""
+    exc.__cause__ = RemoteTraceback(tb_text, worker)
+    return exc
+
+
 def _call(fn: Callable, *args: Any) -> None:
     try:
         fn(*args)

@@ -1,0 +1,309 @@
+"""``client.map``: batches sized from measured task time, results in input order."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from . import serialize
+from .futures import Future, attach_traceback
+from .protocol import Kind
+from .refs import collect_refs
+
+if TYPE_CHECKING:
+    from .client import Client
+
+#: A map batch is sized to take about this long on a worker.
+TARGET_BATCH_SECONDS = 0.05
+MAX_BATCH = 100_000
+
+
+class _Batch(Future):
+    """One batch of a map on the wire; its result is ``(values, errors)``.
+
+    ``items`` are its inputs (kept unless the map's input is a generator),
+    ``started`` the wall-clock time it began on its worker and ``duration``
+    the seconds its items took there.
+    """
+
+    def __init__(self, key, client, mapresult: "MapResult", start: int, count: int,
+                 items: Optional[list]) -> None:
+        super().__init__(key, client)
+        self.map = mapresult
+        self.start = start
+        self.count = count
+        self.items = items
+        self.started: Optional[float] = None
+        self.duration: Optional[float] = None
+
+
+class MapResult:
+    """The results of :meth:`Client.map`, iterable in input order as they arrive.
+
+    >>> res = client.map(f, range(100))
+    >>> for value in res: ...        # in input order; a failed item raises here
+    >>> res.result()                 # all values as a list
+    >>> res.futures                  # one Future per item
+    """
+
+    def __init__(self, client: "Client", fn: Callable, iterables: tuple,
+                 batch_size: Optional[int], timeout: Optional[float]) -> None:
+        self.client = client
+        self.fn = fn
+        self.timeout = timeout
+        self._star = len(iterables) > 1
+        self._iter = iter(zip(*iterables)) if self._star else iter(iterables[0])
+        try:
+            self.total: Optional[int] = min(len(it) for it in iterables)  # type: ignore[arg-type]
+        except TypeError:
+            self.total = None
+        self._fixed_batch = batch_size
+        #: inputs are kept per batch (for to_frame) unless the input is a generator
+        self.keep_inputs = self.total is not None
+        self.progress: Optional[bool] = None
+        self._batches: list[_Batch] = []
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._submitted = 0
+        self._exhausted = False
+        self._feed_error: Optional[BaseException] = None
+        self._cancelled = False
+        self._per_item: Optional[float] = None
+        self._item_futures: Optional[list] = None
+        self.done_count = 0
+        self.failed_count = 0
+        self.started = time.monotonic()
+        self._fn_payload, self._fn_digest = serialize.dumps_function(fn)
+        self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
+        self._feeder.start()
+
+    # -- feeding (its own thread, so a slow generator never blocks the IO thread)
+    def _window(self) -> int:
+        return 2 * max(1, self.client.slots) + 2
+
+    def _next_size(self) -> int:
+        if self._fixed_batch:
+            return self._fixed_batch
+        slots = max(1, self.client.slots)
+        if self._per_item is None:
+            return 1  # a probe: measure before sending more
+        size = int(TARGET_BATCH_SECONDS / max(self._per_item, 1e-7))
+        if self.total is not None:
+            size = min(size, -(-(self.total - self._submitted) // (2 * slots)))
+        return max(1, min(size, MAX_BATCH))
+
+    def _feed(self) -> None:
+        client = self.client
+        try:
+            while True:
+                with self._cond:
+                    while not self._cancelled and (
+                            self._in_flight >= self._window()
+                            or (self._per_item is None and self._in_flight > 0
+                                and not self._fixed_batch)):
+                        self._cond.wait(0.5)
+                    if self._cancelled or client._closed:
+                        return
+                    size = self._next_size()
+                items = list(itertools.islice(self._iter, size))
+                if not items:
+                    return
+                self._send_batch(items)
+                if len(items) < size:
+                    return
+        except BaseException as exc:  # a failing generator or an unpicklable item
+            self._feed_error = exc
+        finally:
+            with self._cond:
+                self._exhausted = True
+                self._cond.notify_all()
+
+    def _send_batch(self, items: list) -> None:
+        client = self.client
+        start = self._submitted
+        try:
+            (frames, meta), refs = collect_refs(lambda: serialize.dumps(items, shm=client._shm_ok))
+        except Exception as exc:
+            for i, item in enumerate(items):
+                detail = serialize.explain_call(self.fn, item if self._star else (item,), {})
+                if detail:
+                    raise serialize.SerializationError(
+                        f"cannot send item {start + i} of map over {serialize.fn_name(self.fn)!r}: "
+                        f"{detail}") from exc
+            raise
+        meta["m"] = 2 if self._star else 1
+        meta["n"] = len(items)
+        tid = next(client._tids)
+        if "sb" in meta:
+            meta["h"] = client._host
+            client._segments[tid] = serialize.segment_names(meta)
+        batch = _Batch(tid, client, self, start, len(items), items if self.keep_inputs else None)
+        batch.add_done_callback(self._batch_done)
+        with self._cond:
+            self._batches.append(batch)
+            self._submitted += len(items)
+            self._in_flight += 1
+            self._cond.notify_all()
+        client._pending[tid] = batch
+        client._post((Kind.SUBMIT, tid, self._fn_digest, self._fn_payload, refs, frames, meta))
+
+    def observe(self, meta: dict) -> None:
+        """Learn per-item time from a finished batch (IO thread)."""
+        t, n = meta.get("t"), meta.get("n", 1)
+        if t is not None:
+            per = t / max(1, n)
+            self._per_item = per if self._per_item is None else 0.5 * self._per_item + 0.5 * per
+
+    def _batch_done(self, batch: _Batch) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if batch.cancelled():
+                pass
+            elif batch.exception() is not None:
+                self.failed_count += batch.count
+            else:
+                self.done_count += batch.count
+            self._cond.notify_all()
+
+    # -- results
+    def _batch_at(self, index: int, deadline: Optional[float]) -> Optional[_Batch]:
+        with self._cond:
+            while index >= len(self._batches):
+                if self._exhausted:
+                    if self._feed_error is not None:
+                        raise self._feed_error
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise FuturesTimeout(f"map item {self._submitted} not sent within the timeout")
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return self._batches[index]
+
+    def _batch_values(self, batch: _Batch, deadline: Optional[float]) -> tuple:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return batch.result(remaining)
+
+    def __iter__(self) -> Iterator[Any]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        index = 0
+        while True:
+            batch = self._batch_at(index, deadline)
+            if batch is None:
+                return
+            values, errors = self._batch_values(batch, deadline)
+            if errors:
+                for i, value in enumerate(values):
+                    if i in errors:
+                        exc, tb_text = errors[i]
+                        raise attach_traceback(exc, tb_text, batch.worker or "")
+                    yield value
+            else:
+                yield from values
+            index += 1
+
+    def result(self, timeout: Optional[float] = None) -> list:
+        """All values as a list, in input order; raises the first failed item's error."""
+        if timeout is not None:
+            saved, self.timeout = self.timeout, timeout
+            try:
+                return list(self)
+            finally:
+                self.timeout = saved
+        return list(self)
+
+    @property
+    def futures(self) -> list:
+        """One :class:`Future` per item (waits until the whole input has been sent)."""
+        with self._cond:
+            while not self._exhausted:
+                self._cond.wait(1.0)
+            if self._item_futures is None:
+                self._item_futures = []
+                for batch in self._batches:
+                    items = [Future((batch.key, i), self.client) for i in range(batch.count)]
+                    self._item_futures.extend(items)
+                    batch.add_done_callback(lambda b, items=items: _settle_items(b, items))
+            return list(self._item_futures)
+
+    @property
+    def batches(self) -> list:
+        """The batches sent so far (futures with ``start``, ``count``, ``items``, ``worker``)."""
+        with self._cond:
+            return list(self._batches)
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per item so far: inputs, result, status, worker, timings."""
+        from .frames import to_frame
+        return to_frame(self)
+
+    def _ipython_display_(self) -> None:
+        from .progress import display_progress
+        display_progress(self)
+
+    def cancel(self) -> None:
+        """Stop sending items and cancel every batch not yet finished."""
+        with self._cond:
+            self._cancelled = True
+            batches = list(self._batches)
+            self._cond.notify_all()
+        self.client.cancel([b for b in batches if not b.done()])
+
+    def done(self) -> bool:
+        """True once every item has been sent and every batch has finished."""
+        with self._cond:
+            return self._exhausted and self._in_flight == 0
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until :meth:`done` (without decoding results); return whether it is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self._exhausted and self._in_flight == 0):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def worker_counts(self) -> dict:
+        """How many items each worker has finished so far: ``{worker name: count}``."""
+        counts: dict = {}
+        with self._cond:
+            batches = list(self._batches)
+        for batch in batches:
+            if batch.done() and not batch.cancelled() and batch.worker:
+                counts[batch.worker] = counts.get(batch.worker, 0) + batch.count
+        return counts
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("this map's input has no length (a generator); iterate it instead")
+        return self.total
+
+    def __repr__(self) -> str:
+        total = "?" if self.total is None else self.total
+        return (f"<shoal.MapResult {serialize.fn_name(self.fn)} {self.done_count}/{total} done"
+                f"{f', {self.failed_count} failed' if self.failed_count else ''}>")
+
+
+def _settle_items(batch: _Batch, items: list) -> None:
+    if batch.cancelled():
+        for f in items:
+            f.cancel()
+        return
+    exc = batch.exception()
+    if exc is not None:
+        for f in items:
+            f.set_exception(exc)
+        return
+    values, errors = batch.result()
+    for i, f in enumerate(items):
+        f.worker = batch.worker
+        if i in errors:
+            e, tb_text = errors[i]
+            f.set_exception(attach_traceback(e, tb_text, batch.worker or ""))
+        else:
+            f.set_result(values[i])
+
+
