@@ -19,23 +19,22 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import zmq
 
 from . import protocol
 from .protocol import Kind, ProtocolError, VersionMismatch
+from .liveness import Liveness
+from .records import (PARKED, QUEUED, RUNNING, CancelRequest, ClientRecord, StoredObject, Unit,
+                      WorkerRecord)
 from .security import ConnectionInfo, new_key, runtime_dir, write_connection_file
 from .serialize import host_id
+from .store import ResultStore
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
-#: Keep this much work (seconds of measured compute) queued at each worker
-#: beyond its running tasks, so a worker of short tasks never waits on a round trip.
-PREFETCH_SECONDS = 0.004
-MAX_PREFETCH = 64
 #: Log at most this many dropped-message lines per second; the rest are counted.
 DROP_LOG_PER_SECOND = 5
 
@@ -44,86 +43,10 @@ DROP_LOG_PER_SECOND = 5
 #: thread can arrive after a task another thread submitted that uses it.)
 PARK_SECONDS = 30.0
 
-QUEUED, RUNNING, PARKED = "queued", "running", "parked"
 _COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 
 
-@dataclass
-class Unit:
-    """A task unit in the broker: one call, or one batch of a map."""
-
-    bid: int
-    client: bytes
-    tid: int
-    refs: list
-    frames: list
-    digests: dict
-    meta: dict
-    state: str = QUEUED
-    worker: Optional[bytes] = None
-    queued_at: float = 0.0
-
-
-@dataclass
-class StoredObject:
-    """A function payload or scattered value, opaque to the broker."""
-
-    frames: list
-    digests: dict
-    owners: set = field(default_factory=set)
-
-
-@dataclass
-class WorkerRecord:
-    ident: bytes
-    name: str
-    slots: int
-    host: str
-    pid: int
-    running: dict = field(default_factory=dict)
-    objects: set = field(default_factory=set)
-    done: int = 0
-    mean_time: Optional[float] = None
-    last_seen: float = 0.0
-    control: Optional[bytes] = None  # the worker's control socket (heartbeats, interrupts)
-
-    @property
-    def prefetch(self) -> int:
-        if self.mean_time is None:
-            return 0
-        return min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(self.mean_time, 1e-6))) * self.slots
-
-    @property
-    def capacity(self) -> int:
-        return self.slots + self.prefetch - len(self.running)
-
-    def observe(self, seconds: float) -> None:
-        self.mean_time = seconds if self.mean_time is None else 0.8 * self.mean_time + 0.2 * seconds
-
-    def __repr__(self) -> str:
-        return f"<Worker {self.name} slots={self.slots} running={len(self.running)}>"
-
-
-@dataclass
-class CancelRequest:
-    """A client's cancel request waiting on the workers that hold some of its tasks."""
-
-    client: bytes
-    rq: Any
-    at: float
-    withdrawn: list = field(default_factory=list)
-    workers: set = field(default_factory=set)
-    interrupted: int = 0  # counted when their results (status "cancelled") arrive
-
-
-@dataclass
-class ClientRecord:
-    ident: bytes
-    tasks: dict = field(default_factory=dict)  # client task id -> bid
-    last_seen: float = 0.0
-
-
-class Broker:
+class Broker(Liveness):
     """A shoal broker bound to ``listen`` (``tcp://127.0.0.1:0`` picks a free port).
 
     Also binds an IPC endpoint beside the TCP one so that processes on this
@@ -161,7 +84,11 @@ class Broker:
         self.objects: dict[bytes, StoredObject] = {}
         self.parked: dict[bytes, list] = {}  # missing object digest -> units waiting for it
         self.cancels: dict[int, CancelRequest] = {}  # awaiting workers' answers
+        self.results = ResultStore()  # finished parts of keyed maps
         self._ids = itertools.count(1)
+        # Identifies this run of the broker: a client that sees it change knows
+        # the broker restarted and what it had in flight is gone.
+        self.session = os.urandom(8).hex()
         self._stopping = False
         self.started = time.time()
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
@@ -180,6 +107,8 @@ class Broker:
             Kind.HEARTBEAT: self._on_heartbeat,
             Kind.OUTPUT: self._on_output,
             Kind.WORKER_BYE: self._on_worker_bye,
+            Kind.WORKER_LOST: self._on_worker_lost,
+            Kind.ATTACH: self._on_attach,
         }
 
     # ------------------------------------------------------------ main loop
@@ -214,6 +143,8 @@ class Broker:
         if self.parked:
             self._expire_parked()
         now = time.monotonic()
+        self._check_liveness(now)
+        self.results.expire()
         for rid, request in list(self.cancels.items()):
             if now - request.at > 30:  # a worker that never answered
                 del self.cancels[rid]
@@ -284,7 +215,7 @@ class Broker:
         self._send(ident, Kind.WELCOME, self._summary())
 
     def _summary(self) -> dict:
-        return {"workers": len(self.workers),
+        return {"workers": len(self.workers), "session": self.session,
                 "slots": sum(w.slots for w in self.workers.values()),
                 "hosts": sorted({w.host for w in self.workers.values()}),
                 "broker_host": host_id()}
@@ -434,6 +365,7 @@ class Broker:
             "running": running,
             "clients": len(self.clients),
             "counts": self.counts,
+            "kept_results": self.results.summary(),
             "worker_list": [
                 {"name": w.name, "slots": w.slots, "running": len(w.running), "done": w.done,
                  "host": w.host.split(":")[0], "pid": w.pid,
@@ -443,12 +375,17 @@ class Broker:
         self._send(ident, Kind.STATUS_REPLY, reply)
 
     def _on_client_bye(self, ident: bytes, msg: protocol.Message) -> None:
+        self._forget_client(ident)
+
+    def _forget_client(self, ident: bytes) -> None:
+        """Drop a client that left: its queued tasks go too, unless a keyed map
+        owns them (their results are kept for a client that re-attaches)."""
         client = self.clients.pop(ident, None)
         if client is None:
             return
         for bid in client.tasks.values():
             unit = self.tasks.get(bid)
-            if unit is not None and unit.state in (QUEUED, PARKED):
+            if unit is not None and unit.state in (QUEUED, PARKED) and "k" not in unit.meta:
                 del self.tasks[bid]
                 unit.state = "cancelled"
         released = []
@@ -466,6 +403,9 @@ class Broker:
     # -- workers
     def _on_worker_hello(self, ident: bytes, msg: protocol.Message) -> None:
         h = msg.header
+        # A worker re-registering after a broker restart says hello from its
+        # control socket, naming its main socket (``wid``), where tasks go.
+        ident = h.get("wid", ident)
         slots = h.get("slots", 1)
         if not isinstance(slots, int) or not 1 <= slots <= 100_000:
             raise ValueError(f"worker announced {slots!r} slots")
@@ -475,9 +415,9 @@ class Broker:
         while name in taken:
             n += 1
             name = f"{base}-{n}"
-        old = self.workers.get(ident)
+        old = self.workers.pop(ident, None)
         if old is not None:
-            self._requeue(old)
+            self._requeue(old)  # it restarted its session: what it held never ran
         self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
                                            int(h.get("pid", 0)), last_seen=time.monotonic(),
                                            control=h.get("ctl"))
@@ -491,31 +431,6 @@ class Broker:
             self._fail_addressed_to(worker)
             self._requeue(worker)
 
-    def _fail_addressed_to(self, worker: WorkerRecord) -> None:
-        """Units addressed to a worker that left cannot run anywhere else: fail them."""
-        by_client: dict[bytes, list] = {}
-        for unit in list(self.tasks.values()):
-            if unit.meta.get("to") == worker.name and unit.state in (QUEUED, PARKED, RUNNING):
-                del self.tasks[unit.bid]
-                worker.running.pop(unit.bid, None)
-                unit.state = "failed"
-                by_client.setdefault(unit.client, []).append(unit.tid)
-        for client, tids in by_client.items():
-            self._send(client, Kind.ERROR, {"t": tids, "msg": f"worker {worker.name} left before "
-                                                              "running the task addressed to it"})
-
-    def _requeue(self, worker: WorkerRecord) -> None:
-        for rid, request in list(self.cancels.items()):
-            if worker.ident in request.workers:
-                self._cancel_answered(rid, worker.ident)
-        # Put its unfinished units back at the head of the queue, oldest first.
-        units = sorted(worker.running.values(), key=lambda u: u.bid, reverse=True)
-        for unit in units:
-            if unit.bid in self.tasks:
-                unit.state, unit.worker = QUEUED, None
-                self.queue.appendleft(unit)
-        worker.running.clear()
-
     def _worker_of(self, ident: bytes, header: dict) -> Optional[WorkerRecord]:
         """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
         worker = self.workers.get(header.get("wid", ident))
@@ -524,11 +439,17 @@ class Broker:
         return worker
 
     def _on_heartbeat(self, ident: bytes, msg: protocol.Message) -> None:
-        worker = self._worker_of(ident, msg.header)
-        if worker is not None:
-            worker.last_seen = time.monotonic()
-        elif "wid" not in msg.header:
+        header = msg.header
+        if "wid" not in header:  # a client's: answer, so it knows this broker is alive
             self._client(ident)
+            self._send(ident, Kind.HEARTBEAT, {"session": self.session})
+            return
+        worker = self._worker_of(ident, header)
+        if worker is not None:
+            self._note_heartbeat(worker, header)
+        elif header["wid"] not in self.workers:
+            # A worker this broker does not know (it restarted): ask it to register.
+            self._send(ident, Kind.WELCOME, {"rehello": True})
 
     def _on_output(self, ident: bytes, msg: protocol.Message) -> None:
         """What a running task printed: pass it on to the task's client."""
@@ -544,29 +465,37 @@ class Broker:
         self._send(unit.client, Kind.OUTPUT, fields)
 
     def _on_results(self, ident: bytes, msg: protocol.Message) -> None:
+        # Results are matched by task, whoever sends them: a worker declared
+        # lost that was only slow may still deliver first.  The first result
+        # wins; any later one for the same task is a counted duplicate.
         worker = self.workers.get(ident)
-        if worker is None:
-            logger.warning("results from an unregistered worker %s ignored", ident.hex())
-            return
-        worker.last_seen = time.monotonic()
+        if worker is not None:
+            worker.last_seen = time.monotonic()
         header, frames = msg.header, msg.frames
         outgoing: dict[bytes, tuple[list, list, dict]] = {}
         pos = 0
         for bid, status, n, meta in header["r"]:
             start, pos = pos, pos + n
-            unit = worker.running.pop(bid, None)
-            if unit is None or self.tasks.pop(bid, None) is None:
+            unit = self.tasks.pop(bid, None)
+            if unit is None:
                 self.counts["duplicates"] += 1
                 continue
+            holder = self.workers.get(unit.worker) if unit.worker else None
+            if holder is not None:
+                holder.running.pop(bid, None)
             client = self.clients.get(unit.client)
             if client is not None:
                 client.tasks.pop(unit.tid, None)
-            worker.done += 1
-            t = meta.get("t")
-            if t is not None:
-                worker.observe(t / max(1, meta.get("n", 1)) if meta.get("n") else t)
+            unit.state = "done"
+            if worker is not None:
+                worker.done += 1
+                t = meta.get("t")
+                if t is not None:
+                    worker.observe(t / max(1, meta.get("n", 1)) if meta.get("n") else t)
             self.counts[_COUNTED.get(status, "failed")] += 1
-            meta["w"] = worker.name
+            meta["w"] = worker.name if worker is not None else "a worker no longer registered"
+            self._keep_result(unit, status, frames[start:start + n], meta,
+                              protocol.frame_digests(header, start, start + n))
             entries, out_frames, digests = outgoing.setdefault(unit.client, ([], [], {}))
             base = len(out_frames)
             for i, d in protocol.frame_digests(header, start, start + n).items():
@@ -575,6 +504,46 @@ class Broker:
             entries.append([unit.tid, status, n, meta])
         for client, (entries, out_frames, digests) in outgoing.items():
             self._send(client, Kind.RESULTS, {"r": entries}, out_frames, digests)
+
+    def _on_attach(self, ident: bytes, msg: protocol.Message) -> None:
+        """What exists of a keyed map: finished parts (with their results) and
+        parts still queued or running, which this client adopts: their results
+        now come to it, under task id ``-bid``."""
+        header = msg.header
+        key = header["key"]
+        if not isinstance(key, str):
+            raise ValueError("a map key must be a string")
+        client = self._client(ident)
+        if header.get("drop"):
+            self.results.drop(key)
+            self._send(ident, Kind.ATTACHED, {"rq": header.get("rq"), "done": [], "running": []})
+            return
+        entries, frames, digests = [], [], {}
+        for part in self.results.get(key):
+            for i, d in part.digests.items():
+                digests[len(frames) + i] = d
+            frames.extend(part.frames)
+            entries.append([part.start, part.count, part.status, len(part.frames), part.meta])
+        running = []
+        for unit in list(self.tasks.values()):
+            if unit.meta.get("k") != key:
+                continue
+            previous = self.clients.get(unit.client)
+            if previous is not None:
+                previous.tasks.pop(unit.tid, None)
+            unit.client, unit.tid = ident, -unit.bid
+            client.tasks[unit.tid] = unit.bid
+            running.append([unit.meta.get("ks", 0), unit.meta.get("n", 1), unit.tid])
+        self._send(ident, Kind.ATTACHED, {"rq": header.get("rq"), "done": entries,
+                                          "running": running}, frames, digests)
+
+    def _keep_result(self, unit: Unit, status: str, frames: list, meta: dict,
+                     digests: Optional[dict] = None) -> None:
+        """Results of keyed maps are kept, so a client can re-attach after a restart."""
+        key = unit.meta.get("k")
+        if key is not None:
+            self.results.put(key, unit.meta.get("ks", 0), unit.meta.get("n", 1), status,
+                             frames, meta, digests or {})
 
     # ------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
@@ -682,10 +651,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without encryption (dangerous)")
+    parser.add_argument("--allowed-failures", type=int, default=Liveness.allowed_failures,
+                        help="fail a task with WorkerLost once this many workers died running "
+                             "it (default %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s broker %(levelname)s %(message)s", stream=sys.stderr)
+    if args.allowed_failures < 1:
+        parser.error("--allowed-failures must be at least 1")
     listen = args.listen if "://" in args.listen else f"tcp://{args.listen}"
     if not is_loopback(listen):
         if not args.insecure:
@@ -698,6 +672,7 @@ def main(argv: Optional[list] = None) -> int:
                        "but readable by anyone on the network", args.listen)
     path = args.connection_file or str(runtime_dir() / f"broker-{os.getpid()}.json")
     broker = Broker(listen, connection_file=path, parent_pid=args.parent_pid)
+    broker.allowed_failures = args.allowed_failures
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     print(f"SHOAL-BROKER {broker.address} {broker.connection_file}", flush=True)

@@ -21,7 +21,8 @@ import zmq
 from zmq.backend import zmq_poll
 
 from . import protocol, serialize
-from .errors import BrokerError, BrokerUnreachable, ClientClosed, NoWorkersError, RemoteError
+from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
+                     RemoteError, WorkerLost)
 from .executor import Executor
 from .futures import Encoded, Future, attach_traceback
 from .mapping import MapResult, _Batch
@@ -37,6 +38,10 @@ _POLLIN = int(zmq.POLLIN)
 
 #: A task whose payload exceeds this logs a warning suggesting ``client.scatter``.
 LARGE_PAYLOAD = 1 << 20
+#: A client heartbeats this often; it declares the broker lost when it has
+#: tasks in flight and heard nothing for ``broker_timeout`` (default 10 s).
+HEARTBEAT_SECONDS = 1.0
+BROKER_TIMEOUT = 10.0
 
 
 # ----------------------------------------------------------------- client
@@ -55,13 +60,17 @@ class Client:
 
     def __init__(self, address: Any = None, key: Optional[bytes] = None,
                  key_file: Optional[str] = None, timeout: float = 10.0,
-                 worker_timeout: float = 30.0) -> None:
+                 worker_timeout: float = 30.0, broker_timeout: float = BROKER_TIMEOUT) -> None:
         try:
             self.info = resolve_connection(address, key, key_file)
         except LookupError as exc:
             raise BrokerUnreachable(str(exc)) from None
         self.address = self.info.address
         self.worker_timeout = worker_timeout
+        self.broker_timeout = broker_timeout
+        self._session: Optional[str] = None   # the broker run we talk to
+        self._last_heard = time.monotonic()
+        self._next_beat = 0.0
         self._key = self.info.key
         self._host = serialize.host_id()
         self._shm_here = serialize.shm_available()
@@ -108,13 +117,19 @@ class Client:
         _set_current(self)
 
     # ------------------------------------------------------------ public API
-    def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable, /, *args: Any, retries: int = 0,
+               timeout: Optional[float] = None, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; return a :class:`shoal.Future`.
+
+        ``retries`` runs it again that many times when it raises; ``timeout``
+        stops it after that many seconds with :class:`~shoal.TaskTimeout` (its
+        worker goes on serving).  These two names are shoal's: to pass a
+        ``timeout`` argument to ``fn`` itself, bind it with ``functools.partial``.
 
         Raises :class:`~shoal.SerializationError` at once, naming the argument
         or captured variable, if something cannot be pickled.
         """
-        return self._submit(fn, args, kwargs, None)
+        return self._submit(fn, args, kwargs, None, _task_options(retries, timeout))
 
     def submit_to(self, worker: str, fn: Callable, *args: Any, **kwargs: Any) -> Future:
         """Like :meth:`submit`, on the worker named ``worker`` (see :meth:`worker_names`).
@@ -131,7 +146,8 @@ class Client:
         """Names of the workers registered now."""
         return [w["name"] for w in self.status(timeout)["worker_list"]]
 
-    def _submit(self, fn: Callable, args: tuple, kwargs: dict, worker: Optional[str]) -> Future:
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, worker: Optional[str],
+                options: Optional[dict] = None) -> Future:
         self._check_open()
         if not callable(fn):
             raise TypeError(f"submit() needs a callable first, not {type(fn).__name__}")
@@ -142,6 +158,8 @@ class Client:
             meta["kw"] = 1
         if worker is not None:
             meta["to"] = worker
+        if options:
+            meta.update(options)
         tid = next(self._tids)
         if "sb" in meta:
             meta["h"] = self._host
@@ -153,20 +171,33 @@ class Client:
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
-            timeout: Optional[float] = None, progress: Optional[bool] = None) -> "MapResult":
+            timeout: Optional[float] = None, progress: Optional[bool] = None,
+            key: Optional[str] = None, retries: int = 0,
+            task_timeout: Optional[float] = None) -> "MapResult":
         """Apply ``fn`` to every item (several iterables are zipped, like ``map``).
 
         Items go in batches sized from measured task time unless ``batch_size``
         is given.  Any iterable works, generators included; it is consumed as
         workers free up.  Iterate the result for values in input order.
-        ``progress=False`` turns off the live display a notebook shows.
+
+        - ``timeout``: seconds for the whole iteration (as ``Executor.map``).
+        - ``task_timeout``: seconds per item; an item past it fails with
+          :class:`~shoal.TaskTimeout`, and the worker goes on with the next.
+        - ``retries``: run an item again this many times when it raises.
+        - ``key``: name the fan-out; the broker keeps its results, so after a
+          kernel restart the same call returns finished items at once and runs
+          only the rest (see :meth:`results`).
+        - ``progress=False`` turns off the live display a notebook shows.
         """
         self._check_open()
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        result = MapResult(self, fn, iterables, batch_size, timeout)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a string, not {type(key).__name__}")
+        result = MapResult(self, fn, iterables, batch_size, timeout, key=key,
+                           options=_task_options(retries, task_timeout))
         result.progress = progress
         return result
 
@@ -185,10 +216,16 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         if isinstance(futures, MapResult):
             return futures.result(timeout)
+        futures = list(futures)
         out = []
-        for f in futures:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out.append(f.result(remaining) if hasattr(f, "result") else f)
+        try:
+            for f in futures:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                out.append(f.result(remaining) if hasattr(f, "result") else f)
+        except KeyboardInterrupt:
+            # Ctrl-C (a kernel interrupt): stop what this call was waiting for.
+            self.cancel([f for f in futures if isinstance(f, Future)], timeout=2.0)
+            raise
         return out
 
     def scatter(self, obj: Any) -> Ref:
@@ -355,12 +392,17 @@ class Client:
                         if self._woken and not self._flush(sock, leader=True):
                             return
                     else:
-                        self._check_workers(sock)  # the parked IO thread cannot
+                        self._housekeeping(sock)  # the parked IO thread cannot
             finally:
                 self._sock_lock.release()
         finally:
             self._leader_wanted = False
             self._lead_lock.release()
+
+    def _report_lost(self, name: str, why: str) -> None:
+        """Tell the broker a worker process ended (a local cluster saw it exit)."""
+        if not self._closed:
+            self._post((Kind.WORKER_LOST, name, why))
 
     def _cancel_keys(self, keys: list, timeout: float = 10.0, running: bool = True) -> set:
         """Ask the broker to withdraw (and, if ``running``, interrupt) tasks.
@@ -369,17 +411,14 @@ class Client:
         """
         if not keys or self._closed:
             return set()
-        request = next(self._tids)
-        reply = self._replies[request] = Future(("cancel", request))
-        self._post((Kind.CANCEL, keys, request, running))
         if threading.current_thread() is self._thread:
-            return set()  # a done-callback on the IO thread cannot wait for the answer
+            # A done-callback on the IO thread cannot wait for the answer.
+            self._post((Kind.CANCEL, keys, None, running, None))
+            return set()
         try:
-            withdrawn = set(reply.result(timeout))
+            withdrawn = set(self._request((Kind.CANCEL, keys, None, running), timeout))
         except FuturesTimeout:
             return set()
-        finally:
-            self._replies.pop(request, None)
         for key in withdrawn:
             self._release(key)
         return withdrawn
@@ -411,7 +450,7 @@ class Client:
                             self._receive(sock)
                     if not self._flush(sock):
                         break
-                    self._check_workers(sock)
+                    self._housekeeping(sock)
                 if self._leader_wanted:
                     self._park_io()
         except Exception:  # the IO thread must never die silently
@@ -464,7 +503,11 @@ class Client:
                     self._sent_objects.add(digest)
                     self._send(sock, Kind.SCATTER, {"ob": [[digest, len(parts)]]}, parts)
             elif kind == Kind.CANCEL:
-                self._send(sock, Kind.CANCEL, {"t": cmd[1], "rq": cmd[2], "r": cmd[3]})
+                self._send(sock, Kind.CANCEL, {"t": cmd[1], "rq": cmd[4], "r": cmd[3]})
+            elif kind == Kind.ATTACH:
+                self._send(sock, Kind.ATTACH, {"key": cmd[1], "drop": cmd[2], "rq": cmd[3]})
+            elif kind == Kind.WORKER_LOST:
+                self._send(sock, Kind.WORKER_LOST, {"name": cmd[1], "why": cmd[2]})
             elif kind == "close":
                 if leader:
                     commands.appendleft(cmd)
@@ -488,6 +531,7 @@ class Client:
         # zmq.Again: raising that costs more than the check.
         while sock.get(_EVENTS) & _POLLIN:
             frames = recv_frames(sock)
+            self._last_heard = time.monotonic()
             try:
                 msg = protocol.decode(self._key, frames)
             except ProtocolError as exc:
@@ -504,7 +548,14 @@ class Client:
                 waiter = self._replies.get(msg.header.get("rq"))
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg.header["t"])
+            elif kind == Kind.ATTACHED:
+                waiter = self._replies.get(msg.header.get("rq"))
+                if waiter is not None and not waiter.done():
+                    waiter.set_result((msg.header, msg.frames))
+            elif kind == Kind.HEARTBEAT:
+                self._check_session(msg.header.get("session"))
             elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
+                self._check_session(msg.header.get("session"))
                 self._learn(msg.header)
                 if kind == Kind.WELCOME:
                     self._welcome.set()
@@ -526,6 +577,40 @@ class Client:
         self.hosts = header.get("hosts", [])
         if self.workers:
             self._no_workers_since = None
+
+    def _housekeeping(self, sock) -> None:
+        """Heartbeat the broker; fail tasks if it or every worker is gone."""
+        self._check_workers(sock)
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + HEARTBEAT_SECONDS
+        self._send(sock, Kind.HEARTBEAT)
+        silent = now - self._last_heard
+        if silent > self.broker_timeout and (self._pending or self._replies):
+            self._lose_broker(f"the broker at {self.address} has not answered for {silent:.0f} s")
+
+    def _check_session(self, session: Optional[str]) -> None:
+        if session is None:
+            return
+        if self._session is not None and session != self._session:
+            self._lose_broker(f"the broker at {self.address} restarted")
+        self._session = session
+
+    def _lose_broker(self, why: str) -> None:
+        """The broker died or restarted: what it held is gone; fail it, never hang."""
+        self._sent_objects.clear()  # a new broker holds none of them
+        lost = len(self._pending)
+        error = BrokerLost(f"{why}; {lost} task(s) in flight were lost. Submit them again once "
+                           "it is back (a keyed map resumes where it stopped).")
+        if lost:
+            logger.error("%s", error)
+        for tid in list(self._pending):
+            self._fail(tid, error)
+        for waiter in list(self._replies.values()):
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._last_heard = time.monotonic()
 
     def _check_workers(self, sock) -> None:
         """Fail pending tasks if no worker has joined within ``worker_timeout``."""
@@ -564,23 +649,80 @@ class Client:
             # Our argument segments: unlinked now, but their mappings are kept
             # alive by the decoder because a result may be a view of them.
             held = [serialize.segments.release(name) for name in self._segments.pop(tid, ())]
-            if target is None:
-                continue
-            target.worker = meta.get("w")
-            if "o" in meta or "e" in meta:
-                target._final_output(meta.get("o", ""), meta.get("e", ""))
-            if isinstance(target, _Batch):
-                target.started = meta.get("s")
-                target.duration = meta.get("t")
-                target.map.observe(meta)
-            if target.done():  # cancelled meanwhile
-                continue
-            if status == "ok":
-                target.set_result(Encoded(_decoder(part, meta, held)))
-            elif status == "cancelled":
-                cf_cancel(target)
-            else:
-                target.set_exception(decode_exception(part, meta.get("w", "")))
+            if target is not None:
+                settle(target, status, part, meta, held)
+
+    # ------------------------------------------------------------ keyed maps
+    def results(self, key: str, timeout: float = 30.0) -> MapResult:
+        """Re-attach to the keyed map ``key`` without resubmitting anything.
+
+        >>> res = client.map(simulate, params, key="sweep-1")   # before a kernel restart
+        >>> res = client.results("sweep-1")                      # after it
+
+        The result holds every part the broker kept or still runs, in input
+        order; parts never submitted (the old client died while feeding) are
+        absent: run the same ``map(..., key=...)`` to fill them in.
+        """
+        self._check_open()
+        return MapResult(self, None, (), None, None, key=key)
+
+    def forget(self, key: str, timeout: float = 30.0) -> None:
+        """Drop the results the broker keeps for the keyed map ``key``."""
+        self._request((Kind.ATTACH, key, True), timeout)
+
+    def _attach(self, key: str, timeout: float = 30.0) -> tuple:
+        """``(done, running)`` parts of keyed map ``key`` (see Broker._on_attach)."""
+        header, frames = self._request((Kind.ATTACH, key, False), timeout)
+        done, pos = [], 0
+        for start, count, status, n, meta in header["done"]:
+            done.append((start, count, status, frames[pos:pos + n], meta))
+            pos += n
+        return done, header["running"]
+
+    def _request(self, command: tuple, timeout: float):
+        """Send a request that the broker answers by id; return its answer."""
+        request = next(self._tids)
+        reply = self._replies[request] = Future(("request", request))
+        self._post(command + (request,))
+        try:
+            return reply.result(timeout)
+        finally:
+            self._replies.pop(request, None)
+
+
+def _task_options(retries: int, timeout: Optional[float]) -> dict:
+    """Per-task options as they travel in a unit's metadata."""
+    options = {}
+    if retries:
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+        options["rty"] = retries
+    if timeout is not None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        options["tmo"] = float(timeout)
+    return options
+
+
+def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable = ()) -> None:
+    """Resolve a task's future from its outcome on the wire."""
+    target.worker = meta.get("w")
+    if "o" in meta or "e" in meta:
+        target._final_output(meta.get("o", ""), meta.get("e", ""))
+    if isinstance(target, _Batch):
+        target.started = meta.get("s")
+        target.duration = meta.get("t")
+        target.map.observe(meta)
+    if target.done():  # cancelled meanwhile
+        return
+    if status == "ok":
+        target.set_result(Encoded(_decoder(frames, meta, list(held))))
+    elif status == "cancelled":
+        cf_cancel(target)
+    elif status == "lost":
+        target.set_exception(WorkerLost(target.key, meta.get("lost", [])))
+    else:
+        target.set_exception(decode_exception(frames, meta.get("w", "")))
 
 
 def cf_cancel(future) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -46,7 +47,8 @@ class Cluster:
 
     def __init__(self, n_workers: Optional[int] = None, slots: int = 1,
                  listen: str = "127.0.0.1:0", timeout: float = 30.0,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", restart: bool = True,
+                 allowed_failures: int = 3) -> None:
         if n_workers is None:
             n_workers = os.cpu_count() or 1
         if n_workers < 0:
@@ -56,9 +58,15 @@ class Cluster:
         self.slots = slots
         self.timeout = timeout
         self.log_level = log_level
+        self.allowed_failures = allowed_failures
         self.log_dir = runtime_dir() / f"cluster-{os.getpid()}-{id(self):x}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._workers: list[subprocess.Popen] = []
+        self._names: dict[int, str] = {}  # worker pid -> name
+        #: replace a local worker that dies (and tell the broker at once)
+        self.restart = restart
+        self._monitor_stop = threading.Event()
+        self._monitor: Optional[threading.Thread] = None
         self._clients: list[Client] = []
         self._closed = False
         self._lock = threading.RLock()
@@ -69,6 +77,9 @@ class Cluster:
             self._start_broker(listen)
             self._client = Client(self.connection_file, timeout=timeout)
             self.scale(n_workers)
+            self._monitor = threading.Thread(target=self._watch, name="shoal-cluster-monitor",
+                                             daemon=True)
+            self._monitor.start()
         except BaseException:
             self.close()
             raise
@@ -82,7 +93,8 @@ class Cluster:
         with self._log("broker") as log:
             self.broker = subprocess.Popen(
                 _python_command("shoal.broker", "--listen", listen, "--connection-file", str(path),
-                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level),
+                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
+                                "--allowed-failures", str(self.allowed_failures)),
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         line = _read_line(self.broker, self.timeout)
@@ -96,11 +108,42 @@ class Cluster:
         self._worker_seq += 1
         name = f"local-{self._worker_seq}"
         with self._log(name) as log:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 _python_command("shoal.worker", "--connection-file", self.connection_file,
                                 "--slots", str(self.slots), "--name", name,
                                 "--parent-pid", str(os.getpid()), "--log-level", self.log_level),
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc.started_at = time.monotonic()  # type: ignore[attr-defined]
+        self._names[proc.pid] = name
+        return proc
+
+    def _watch(self) -> None:
+        """Notice local workers that die: tell the broker now, and start replacements."""
+        quick_deaths = 0
+        while not self._monitor_stop.wait(0.2):
+            with self._lock:
+                if self._closed:
+                    return
+                dead = [p for p in self._workers if p.poll() is not None]
+                for proc in dead:
+                    self._workers.remove(proc)
+                    name = self._names.pop(proc.pid, f"pid {proc.pid}")
+                    why = describe_exit(proc.returncode)
+                    self._client._report_lost(name, why)
+                    if not self.restart:
+                        logger.warning("local worker %s %s", name, why)
+                        continue
+                    # A worker that dies right after starting would die again: back off.
+                    quick = time.monotonic() - proc.started_at < 2.0  # type: ignore[attr-defined]
+                    quick_deaths = quick_deaths + 1 if quick else 0
+                    if quick_deaths > 5:
+                        logger.error("local worker %s %s right after starting, five times in a "
+                                     "row; not starting another (see %s)", name, why, self.log_dir)
+                        continue
+                    replacement = self._start_worker()
+                    self._workers.append(replacement)
+                    logger.warning("local worker %s %s; started %s in its place", name, why,
+                                   self._names[replacement.pid])
 
     def scale(self, n: int) -> None:
         """Grow or shrink to ``n`` local workers; returns once the broker sees them."""
@@ -114,6 +157,7 @@ class Cluster:
             surplus = self._workers[n:]
             self._workers = self._workers[:n]
             for proc in surplus:
+                self._names.pop(proc.pid, None)
                 proc.terminate()
             _reap(surplus, 5.0)
             self._wait_for(n)
@@ -155,6 +199,7 @@ class Cluster:
             if self._closed:
                 return
             self._closed = True
+        self._monitor_stop.set()
         for client in self._clients + [getattr(self, "_client", None)]:
             if client is not None:
                 client.close()
@@ -184,6 +229,17 @@ class Cluster:
     def _repr_html_(self) -> str:
         return (f"<b>shoal.Cluster</b> at <code>{getattr(self, 'address', '?')}</code>: "
                 f"{len(self.workers)} workers, {self.slots} slot(s) each")
+
+
+def describe_exit(returncode: int) -> str:
+    """'exited with code 1' or 'was killed by signal 9 (SIGKILL)'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {-returncode} ({name})"
+    return f"exited with code {returncode}"
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:

@@ -113,6 +113,10 @@ class Control(threading.Thread):
                 continue
             if msg.kind == Kind.CANCEL:
                 self._on_cancel(msg.header)
+            elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
+                # The broker restarted and does not know this worker: register again.
+                logger.info("the broker does not know this worker (it restarted?): registering")
+                self._send(Kind.WORKER_HELLO, self.worker.hello_fields())
 
     def _on_cancel(self, header: dict) -> None:
         """Withdraw units not started; interrupt running ones if asked to."""

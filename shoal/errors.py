@@ -5,6 +5,8 @@ from concurrent.futures import TimeoutError as _FuturesTimeout
 
 from .serialize import SerializationError  # noqa: F401  (re-exported)
 
+__all__ = ["SerializationError"]  # and the classes below
+
 
 class ShoalError(Exception):
     """Base class of shoal's own errors."""
@@ -47,3 +49,28 @@ class TaskTimeout(ShoalError, TimeoutError):
 
     def __reduce__(self):
         return type(self), (str(self), self.timeout)
+
+
+class WorkerLost(ShoalError):
+    """A task was running on workers that died, ``allowed_failures`` times over.
+
+    ``failures`` lists ``(worker, why)`` for each loss; ``why`` gives the exit
+    code or signal when a local cluster saw the process end.
+    """
+
+    def __init__(self, task, failures) -> None:
+        self.task = task
+        self.failures = [tuple(f) for f in failures]
+        lost = "; ".join(f"{w} ({why})" for w, why in self.failures) or "unknown workers"
+        super().__init__(
+            f"task {task!r} was running when its worker died, {len(self.failures)} time(s): "
+            f"{lost}. shoal stopped retrying it: it probably kills its worker (a crash in C "
+            "code, os._exit, running out of memory). Fix the task, or start the broker with "
+            "a higher --allowed-failures.")
+
+    def __reduce__(self):
+        return type(self), (self.task, self.failures)
+
+
+class BrokerLost(ShoalError):
+    """The broker stopped answering, or restarted, while tasks were in flight."""

@@ -106,11 +106,17 @@ class Future(cf.Future):
         ``concurrent.futures.TimeoutError`` or ``CancelledError``.
         """
         if self._client is not None and self._state == "PENDING":
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self._client._lead(self, timeout)
-            if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())
-        value = super().result(timeout)
+            try:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self._client._lead(self, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
+                value = super().result(timeout)
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
+        else:
+            value = super().result(timeout)
         if type(value) is Encoded:
             value = self._decode(value)
         return value
@@ -118,11 +124,21 @@ class Future(cf.Future):
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         """Return the task's exception (``None`` if it succeeded), waiting up to ``timeout``."""
         if self._client is not None and self._state == "PENDING":
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self._client._lead(self, timeout)
-            if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())
+            try:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self._client._lead(self, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
+                return super().exception(timeout)
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
         return super().exception(timeout)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C while waiting on this future: stop the task (best effort, quickly)."""
+        if self._client is not None and not self.done():
+            self._client.cancel([self], timeout=2.0)
 
     def _decode(self, encoded: Encoded) -> Any:
         with self._condition:

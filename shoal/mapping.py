@@ -48,16 +48,23 @@ class MapResult:
     >>> res.futures                  # one Future per item
     """
 
-    def __init__(self, client: "Client", fn: Callable, iterables: tuple,
-                 batch_size: Optional[int], timeout: Optional[float]) -> None:
+    def __init__(self, client: "Client", fn: Optional[Callable], iterables: tuple,
+                 batch_size: Optional[int], timeout: Optional[float],
+                 key: Optional[str] = None, options: Optional[dict] = None) -> None:
         self.client = client
         self.fn = fn
         self.timeout = timeout
+        #: a keyed map's results are kept by the broker (see Client.results)
+        self.key = key
+        self._options = options or {}
         self._star = len(iterables) > 1
-        self._iter = iter(zip(*iterables)) if self._star else iter(iterables[0])
+        if not iterables:  # re-attaching to a keyed map: nothing to feed
+            self._iter = None
+        else:
+            self._iter = iter(zip(*iterables)) if self._star else iter(iterables[0])
         try:
             self.total: Optional[int] = min(len(it) for it in iterables)  # type: ignore[arg-type]
-        except TypeError:
+        except (TypeError, ValueError):
             self.total = None
         self._fixed_batch = batch_size
         #: inputs are kept per batch (for to_frame) unless the input is a generator
@@ -75,7 +82,8 @@ class MapResult:
         self.done_count = 0
         self.failed_count = 0
         self.started = time.monotonic()
-        self._fn_payload, self._fn_digest = serialize.dumps_function(fn)
+        if fn is not None:
+            self._fn_payload, self._fn_digest = serialize.dumps_function(fn)
         self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
         self._feeder.start()
 
@@ -95,24 +103,23 @@ class MapResult:
         return max(1, min(size, MAX_BATCH))
 
     def _feed(self) -> None:
-        client = self.client
         try:
-            while True:
-                with self._cond:
-                    while not self._cancelled and (
-                            self._in_flight >= self._window()
-                            or (self._per_item is None and self._in_flight > 0
-                                and not self._fixed_batch)):
-                        self._cond.wait(0.5)
-                    if self._cancelled or client._closed:
+            parts = self._attach_parts() if self.key is not None else []
+            for start, count, batch in parts:
+                if self._iter is not None:
+                    if not self._feed_until(start):
                         return
-                    size = self._next_size()
-                items = list(itertools.islice(self._iter, size))
-                if not items:
-                    return
-                self._send_batch(items)
-                if len(items) < size:
-                    return
+                    skipped = sum(1 for _ in itertools.islice(self._iter, count))
+                    if skipped < count:
+                        return  # the input is shorter than what was kept
+                with self._cond:
+                    self._batches.append(batch)
+                    self._submitted = start + count
+                    self._in_flight += 1
+                    self._cond.notify_all()
+                batch.add_done_callback(self._batch_done)  # at once if already done
+            if self._iter is not None:
+                self._feed_until(None)
         except BaseException as exc:  # a failing generator or an unpicklable item
             self._feed_error = exc
         finally:
@@ -120,11 +127,55 @@ class MapResult:
                 self._exhausted = True
                 self._cond.notify_all()
 
+    def _feed_until(self, limit: Optional[int]) -> bool:
+        """Send batches of fresh input up to item ``limit`` (or the end); False once done."""
+        client = self.client
+        while limit is None or self._submitted < limit:
+            with self._cond:
+                while not self._cancelled and (
+                        self._in_flight >= self._window()
+                        or (self._per_item is None and self._in_flight > 0
+                            and not self._fixed_batch)):
+                    self._cond.wait(0.5)
+                if self._cancelled or client._closed:
+                    return False
+                size = self._next_size()
+            if limit is not None:
+                size = min(size, limit - self._submitted)
+            items = list(itertools.islice(self._iter, size))
+            if not items:
+                return False
+            self._send_batch(items)
+            if len(items) < size:
+                return False
+        return True
+
+    def _attach_parts(self) -> list:
+        """The parts of this keyed map the broker kept or still runs, as batches."""
+        from .client import settle
+        client = self.client
+        done, running = client._attach(self.key)
+        parts = []
+        for start, count, status, frames, meta in done:
+            batch = _Batch(("kept", self.key, start), client, self, start, count, None)
+            settle(batch, status, frames, meta)
+            parts.append((start, count, batch))
+        for start, count, tid in running:
+            batch = _Batch(tid, client, self, start, count, None)
+            client._pending[tid] = batch
+            parts.append((start, count, batch))
+        if parts and self._per_item is None:
+            self._per_item = 1e-3  # measured again from the next results
+        return sorted(parts, key=lambda p: p[0])
+
     def _send_batch(self, items: list) -> None:
         client = self.client
         start = self._submitted
+        # A keyed map's results are kept by the broker, so they travel as frames,
+        # never as shared memory that a departed client would have unlinked.
+        shm = client._shm_ok and self.key is None
         try:
-            (frames, meta), refs = collect_refs(lambda: serialize.dumps(items, shm=client._shm_ok))
+            (frames, meta), refs = collect_refs(lambda: serialize.dumps(items, shm=shm))
         except Exception as exc:
             for i, item in enumerate(items):
                 detail = serialize.explain_call(self.fn, item if self._star else (item,), {})
@@ -135,6 +186,9 @@ class MapResult:
             raise
         meta["m"] = 2 if self._star else 1
         meta["n"] = len(items)
+        meta.update(self._options)
+        if self.key is not None:
+            meta["k"], meta["ks"] = self.key, start
         tid = next(client._tids)
         if "sb" in meta:
             meta["h"] = client._host
@@ -186,6 +240,14 @@ class MapResult:
         return batch.result(remaining)
 
     def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._values()
+        except KeyboardInterrupt:
+            # Ctrl-C (a kernel interrupt) while iterating: stop this map's work.
+            self.cancel()
+            raise
+
+    def _values(self) -> Iterator[Any]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         index = 0
         while True:

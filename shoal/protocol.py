@@ -38,6 +38,8 @@ class Kind:
     STATUS = "st"           # ask for cluster state
     SCATTER = "sc"          # data to keep on the broker for tasks to reference
     CLIENT_BYE = "cb"
+    WORKER_LOST = "wl"       # a local cluster saw a worker process exit
+    ATTACH = "at"            # finished and running parts of a keyed map
     # worker -> broker
     WORKER_HELLO = "wh"
     RESULTS = "res"          # one or more finished units
@@ -50,6 +52,7 @@ class Kind:
     # broker -> client
     WELCOME = "wel"
     STATUS_REPLY = "sr"
+    ATTACHED = "atd"
     CANCELLED = "cd"         # task ids removed from the queue before running
     ERROR = "err"            # a request was refused; ``msg`` says why
 
@@ -78,6 +81,9 @@ class Message:
         return f"Message({self.kind!r}, {len(self.frames)} frames)"
 
 
+_RESERVED = frozenset({"v", "k", "nf"})  # always set by encode; a field there would vanish
+
+
 def _sign(key: bytes, header: bytes, frames: Sequence) -> bytes:
     mac = hmac.new(key, header, hashlib.sha256)
     for frame in frames:
@@ -100,6 +106,8 @@ def encode(key: bytes, kind: str, fields: dict | None = None,
     it did not hash passes the digest it received).
     """
     header = dict(fields) if fields else {}
+    if _RESERVED.intersection(header):
+        raise ValueError(f"header fields {sorted(_RESERVED.intersection(header))} are reserved")
     header["v"] = PROTOCOL_VERSION
     header["k"] = kind
     header["nf"] = len(frames)

@@ -160,8 +160,7 @@ class Worker:
         self.control.install()
         for t in self.threads:
             t.start()
-        self._send(Kind.WORKER_HELLO, {"name": self.name, "slots": self.slots, "host": self.host,
-                                       "pid": os.getpid(), "ctl": self.control.socket_id})
+        self._send(Kind.WORKER_HELLO, self.hello_fields())
         self.control.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -181,6 +180,11 @@ class Worker:
                             self._flush_results()
         finally:
             self._close()
+
+    def hello_fields(self) -> dict:
+        """What this worker tells the broker when it registers."""
+        return {"name": self.name, "slots": self.slots, "host": self.host,
+                "pid": os.getpid(), "ctl": self.control.socket_id}
 
     def stop(self) -> None:
         self._stopping = True
@@ -308,13 +312,19 @@ class Worker:
             kind = meta.get("m")
             start = time.perf_counter()
             if kind:
-                value = self._run_batch(fn, args, star=kind == 2)
+                value = self._run_batch(bid, fn, args, kind == 2, meta)
             else:
+                kwargs = {}
                 if meta.get("kw"):
                     args, kwargs = args
-                    value = fn(*args, **kwargs)
-                else:
-                    value = fn(*args)
+                for attempt in range(meta.get("rty", 0), -1, -1):
+                    try:
+                        value = fn(*args, **kwargs)
+                        break
+                    except Exception:
+                        if not attempt:
+                            raise
+                        logger.info("task %d raised; %d retries left", bid, attempt)
             elapsed = time.perf_counter() - start
             del args
             try:
@@ -353,26 +363,42 @@ class Worker:
             reply["e"] = err
         return bid, status, out_frames, reply
 
-    @staticmethod
-    def _run_batch(fn, items: list, star: bool) -> tuple:
-        """Run ``fn`` over a batch: ``(values, {index: (exception, traceback)})``."""
+    def _run_batch(self, bid: int, fn, items: list, star: bool, meta: dict) -> tuple:
+        """Run ``fn`` over a batch: ``(values, {index: (exception, traceback)})``.
+
+        ``rty`` retries an item that raises; ``tmo`` is a deadline per item.
+        """
         values: list = []
         errors: dict = {}
         append = values.append
-        if star:
+        retries, timeout = meta.get("rty", 0), meta.get("tmo")
+        if not retries and not timeout:  # the common case: nothing per item
             for i, item in enumerate(items):
                 try:
-                    append(fn(*item))
+                    append(fn(*item) if star else fn(item))
                 except Exception as exc:
                     append(None)
                     errors[i] = _portable(exc)
-        else:
-            for i, item in enumerate(items):
+            return values, errors
+        deadlines = self.deadlines
+        for i, item in enumerate(items):
+            for attempt in range(retries, -1, -1):
+                if timeout:
+                    deadlines[bid] = time.monotonic() + timeout
                 try:
-                    append(fn(item))
-                except Exception as exc:
+                    append(fn(*item) if star else fn(item))
+                    break
+                except TimeoutInterrupt:
                     append(None)
-                    errors[i] = _portable(exc)
+                    errors[i] = _portable(TaskTimeout(
+                        f"item {i} ran past its timeout of {timeout:g} s on worker {self.name} "
+                        "and was stopped", timeout))
+                    break
+                except Exception as exc:
+                    if not attempt:
+                        append(None)
+                        errors[i] = _portable(exc)
+        deadlines.pop(bid, None)
         return values, errors
 
 

@@ -1,0 +1,127 @@
+"""Lost workers and silent clients: detection, requeueing, poison tasks.
+
+Defaults (all documented in docs/reliability.md):
+
+* a worker heartbeats every second (its control thread, even mid-task); the
+  broker declares it lost after :data:`WORKER_TIMEOUT` seconds of silence,
+  or at once when a local cluster sees its process exit;
+* a lost worker's running tasks go back to the head of the queue; a task
+  that was running on :data:`ALLOWED_FAILURES` workers when they died fails
+  with :class:`shoal.WorkerLost` instead of killing more of them;
+* a client heartbeats every second; the broker forgets a client silent for
+  :data:`CLIENT_TIMEOUT` seconds and drops its queued tasks, except those of
+  keyed maps, whose results it keeps for the client's return.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .protocol import Kind
+from .records import PARKED, QUEUED, RUNNING, Unit, WorkerRecord
+
+if TYPE_CHECKING:
+    from .broker import Broker
+
+logger = logging.getLogger(__name__)
+
+WORKER_TIMEOUT = 5.0
+CLIENT_TIMEOUT = 60.0
+ALLOWED_FAILURES = 3
+
+
+class Liveness:
+    """The broker's handling of workers and clients that go away (a mixin of Broker)."""
+
+    allowed_failures: int = ALLOWED_FAILURES
+    worker_timeout: float = WORKER_TIMEOUT
+    client_timeout: float = CLIENT_TIMEOUT
+
+    def _check_liveness(self: "Broker", now: float) -> None:
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_seen
+            if silent > self.worker_timeout:
+                self._lose_worker(worker, f"no heartbeat for {silent:.1f} s")
+        for ident, client in list(self.clients.items()):
+            if now - client.last_seen > self.client_timeout:
+                logger.info("client %s silent for %.0f s: forgetting it", ident.hex(),
+                            now - client.last_seen)
+                self._forget_client(ident)
+
+    def _lose_worker(self: "Broker", worker: WorkerRecord, reason: str) -> None:
+        """A worker died or went silent: requeue or fail what it was running."""
+        if self.workers.get(worker.ident) is not worker:
+            return
+        del self.workers[worker.ident]
+        logger.warning("worker %s lost (%s); %d task(s) it held go back to the queue",
+                       worker.name, reason, len(worker.running))
+        self.counts["workers_lost"] = self.counts.get("workers_lost", 0) + 1
+        self._fail_addressed_to(worker, f"worker {worker.name} was lost ({reason})")
+        self._requeue(worker, reason)
+
+    def _requeue(self: "Broker", worker: WorkerRecord, reason: str = "") -> None:
+        """Put a departed worker's units back at the head of the queue, oldest first.
+
+        With a ``reason`` (the worker died) the units it was running count a
+        failure; those at the limit fail with WorkerLost instead.
+        """
+        for rid, request in list(self.cancels.items()):
+            if worker.ident in request.workers:
+                self._cancel_answered(rid, worker.ident)
+        units = sorted(worker.running.values(), key=lambda u: u.bid)
+        worker.running.clear()
+        running = set(worker.reported) & {u.bid for u in units}
+        if reason and not running:
+            # Died between heartbeats: the oldest units were the ones running.
+            running = {u.bid for u in units[:worker.slots]}
+        poisoned = []
+        for unit in reversed(units):
+            if unit.bid not in self.tasks:
+                continue
+            if reason and unit.bid in running:
+                unit.failures.append([worker.name, reason])
+                if len(unit.failures) >= self.allowed_failures:
+                    poisoned.append(unit)
+                    continue
+            unit.state, unit.worker = QUEUED, None
+            self.queue.appendleft(unit)
+        if poisoned:
+            self._deliver_lost(poisoned)
+
+    def _deliver_lost(self: "Broker", units: list) -> None:
+        """Fail units with status "lost"; the client raises WorkerLost from ``meta["lost"]``."""
+        by_client: dict[bytes, list] = {}
+        for unit in units:
+            self.tasks.pop(unit.bid, None)
+            unit.state = "failed"
+            self.counts["failed"] += 1
+            by_client.setdefault(unit.client, []).append(
+                [unit.tid, "lost", 0, {"lost": unit.failures, "w": unit.failures[-1][0]}])
+            self._keep_result(unit, "lost", [], {"lost": unit.failures})
+        for client, entries in by_client.items():
+            self._send(client, Kind.RESULTS, {"r": entries})
+
+    def _fail_addressed_to(self: "Broker", worker: WorkerRecord, why: str = "") -> None:
+        """Units addressed to a worker that left cannot run anywhere else: fail them."""
+        doomed: list[Unit] = []
+        for unit in list(self.tasks.values()):
+            if unit.meta.get("to") == worker.name and unit.state in (QUEUED, PARKED, RUNNING):
+                worker.running.pop(unit.bid, None)
+                unit.failures.append([worker.name, why or "it left"])
+                doomed.append(unit)
+        if doomed:
+            self._deliver_lost(doomed)
+
+    def _on_worker_lost(self: "Broker", ident: bytes, msg) -> None:
+        """A local cluster saw a worker process exit: act now, not after the timeout."""
+        name = msg.header["name"]
+        for worker in list(self.workers.values()):
+            if worker.name == name:
+                self._lose_worker(worker, str(msg.header.get("why", "its process exited")))
+
+    def _note_heartbeat(self: "Broker", worker: WorkerRecord, header: dict) -> None:
+        worker.last_seen = time.monotonic()
+        running = header.get("running")
+        if isinstance(running, list):
+            worker.reported = running
