@@ -542,3 +542,49 @@ def test_to_frame_and_sweep_render_as_tables(kernel):
     assert "<table" in reply.result["text/html"] and "score" in reply.result["text/html"]
     assert kernel.run("list(df.columns[:4]), len(df)").value == (
         ["alpha", "seed", "score", "seed_sq"], 6)
+
+
+# ----------------------------------------------------------------- streaming and Ctrl-C
+def gate_loop(gate: Path, before: str = "") -> str:
+    """Remote cell code that prints ``before`` then waits (at most 30 s) for the gate file."""
+    return textwrap.dedent(f"""\
+        import os, time
+        print({before!r}, flush=True)
+        limit = time.monotonic() + 30
+        while not os.path.exists({str(gate)!r}) and time.monotonic() < limit:
+            time.sleep(0.01)
+    """)
+
+
+@pytest.mark.timeout(60)
+def test_remote_output_streams_into_the_cell_while_it_runs(kernel, gate):
+    msg_id = kernel.start("%%remote\n" + gate_loop(gate, "first") + "print('second')\n'end'")
+    reply = kernel.collect(msg_id, until=lambda r: "first" in r.stdout)
+    assert reply.ended == 0.0, "the cell ended before its first line arrived"
+    gate.touch()
+    reply = kernel.collect(msg_id, reply=reply)
+    assert reply.status == "ok"
+    assert reply.stdout == "first\nsecond\n" and reply.value == "end"
+
+
+@pytest.mark.timeout(60)
+def test_all_streams_output_labelled_by_worker(kernel, gate):
+    msg_id = kernel.start("%%remote --all\n" + gate_loop(gate, "up"))
+    reply = kernel.collect(msg_id, until=lambda r: r.stdout.count("up") == 2)
+    assert sorted(reply.stdout.splitlines()) == ["[local-1] up", "[local-2] up"]
+    gate.touch()
+    assert kernel.collect(msg_id, reply=reply).status == "ok"
+
+
+@pytest.mark.timeout(60)
+def test_interrupting_the_kernel_cancels_the_remote_run(kernel, gate):
+    msg_id = kernel.start("%%remote --worker local-1\n" + gate_loop(gate, "waiting"))
+    reply = kernel.collect(msg_id, until=lambda r: "waiting" in r.stdout)
+    kernel.km.interrupt_kernel()
+    reply = kernel.collect(msg_id, reply=reply, timeout=20)
+    assert reply.status == "error" and reply.error["ename"] == "KeyboardInterrupt"
+    assert "cancelled the remote run on local-1" in reply.stderr
+    # The gate never opened, yet local-1 is free at once: its run was stopped.
+    started = time.monotonic()
+    assert kernel.run("%remote --worker local-1 1 + 1", timeout=20).value == 2
+    assert time.monotonic() - started < 10
