@@ -1,0 +1,208 @@
+"""The local cluster: ready on return, scales, accepts outside workers, leaves nothing behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+import shoal
+
+from conftest import cluster_pids, pids_gone, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def worker_names(cluster) -> set:
+    return {w["name"] for w in cluster.status()["worker_list"]}
+
+
+def test_cluster_is_ready_on_return():
+    with shoal.Cluster(n_workers=2) as cluster:
+        state = cluster.status()  # no waiting: the workers are already registered
+        assert state["workers"] == 2 and state["slots"] == 2
+        assert len(cluster.workers) == 2
+        assert cluster.client().submit(pow, 2, 3).result(timeout=30) == 8
+
+
+def test_cluster_with_several_slots_per_worker_reports_them():
+    with shoal.Cluster(n_workers=1, slots=3) as cluster:
+        state = cluster.status()
+        assert state["workers"] == 1 and state["slots"] == 3
+        client = cluster.client()
+        assert client.gather([client.submit(pow, i, 2) for i in range(9)], timeout=30) == \
+            [i * i for i in range(9)]
+
+
+def test_cluster_address_and_connection_file_describe_the_broker(cluster):
+    assert cluster.address.startswith("tcp://127.0.0.1:")
+    with open(cluster.connection_file) as fh:
+        assert json.load(fh)["address"] == cluster.address
+    assert repr(cluster).startswith("<shoal.Cluster tcp://127.0.0.1:")
+
+
+def test_context_manager_stops_every_process_on_exit():
+    with shoal.Cluster(n_workers=2) as cluster:
+        pids = cluster_pids(cluster)
+        assert len(pids) == 3 and not pids_gone(pids)
+    assert pids_gone(pids)
+    assert cluster.workers == []
+
+
+def test_exception_inside_with_still_stops_every_process():
+    with pytest.raises(ZeroDivisionError):
+        with shoal.Cluster(n_workers=2) as cluster:
+            pids = cluster_pids(cluster)
+            1 / 0
+    assert pids_gone(pids)
+
+
+def test_close_twice_is_fine_and_a_closed_cluster_refuses_clients():
+    cluster = shoal.Cluster(n_workers=1)
+    client = cluster.client()
+    pids = cluster_pids(cluster)
+    cluster.close()
+    cluster.close()
+    assert pids_gone(pids)
+    with pytest.raises(RuntimeError, match="closed"):
+        cluster.client()
+    with pytest.raises(shoal.ClientClosed):
+        client.submit(pow, 1, 1)
+
+
+def test_scale_up_then_down_changes_the_registered_workers(fresh_cluster):
+    fresh_cluster.scale(3)
+    assert fresh_cluster.status()["workers"] == 3
+    assert len(fresh_cluster.workers) == 3
+    before = {p.pid for p in fresh_cluster.workers}
+    fresh_cluster.scale(1)
+    assert fresh_cluster.status()["workers"] == 1
+    (remaining,) = fresh_cluster.workers
+    wait_until(lambda: pids_gone(before - {remaining.pid}), 10,
+               message="the surplus workers to exit")
+    client = fresh_cluster.client()
+    pids = {client.submit(os.getpid).result(timeout=30) for _ in range(4)}
+    assert pids == {remaining.pid}
+
+
+def test_scale_to_zero_and_back(fresh_cluster):
+    fresh_cluster.scale(0)
+    assert fresh_cluster.status()["workers"] == 0
+    fresh_cluster.scale(1)
+    assert fresh_cluster.client().submit(pow, 3, 2).result(timeout=30) == 9
+
+
+def test_scale_rejects_a_negative_count(cluster):
+    with pytest.raises(ValueError):
+        cluster.scale(-1)
+    with pytest.raises(ValueError):
+        shoal.Cluster(n_workers=-1)
+
+
+def test_task_queued_before_scale_up_runs_on_the_new_worker(tmp_path):
+    with shoal.Cluster(n_workers=0) as cluster:
+        client = cluster.client()
+        fut = client.submit(os.getpid)
+        cluster.scale(1)
+        assert fut.result(timeout=30) == cluster.workers[0].pid
+
+
+def test_worker_joining_with_a_connection_file_runs_tasks(tmp_path):
+    with shoal.Cluster(n_workers=0) as cluster:
+        log = open(tmp_path / "remote.log", "wb")
+        remote = subprocess.Popen(
+            [sys.executable, "-m", "shoal.worker", "--connection-file", cluster.connection_file,
+             "--name", "remote-1"], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        try:
+            client = cluster.client()
+            client.wait_for_workers(1, timeout=30)
+            assert worker_names(cluster) == {"remote-1"}
+            fut = client.submit(os.getpid)
+            assert fut.result(timeout=30) == remote.pid
+            assert fut.worker == "remote-1"
+            remote.terminate()
+            assert remote.wait(10) == 0
+            wait_until(lambda: cluster.status()["workers"] == 0, 10,
+                       message="the broker to see the worker leave")
+        finally:
+            if remote.poll() is None:
+                remote.kill()
+                remote.wait()
+            log.close()
+
+
+def test_worker_joining_with_address_and_key_file_runs_tasks(tmp_path):
+    with shoal.Cluster(n_workers=0) as cluster:
+        remote = subprocess.Popen(
+            [sys.executable, "-m", "shoal.worker", cluster.address,
+             "--key-file", cluster.connection_file, "--name", "by-address"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            client = cluster.client()
+            client.wait_for_workers(1, timeout=30)
+            assert client.submit(os.getpid).result(timeout=30) == remote.pid
+        finally:
+            remote.terminate()
+            remote.wait(10)
+
+
+KILLED_PARENT = textwrap.dedent("""
+    import sys
+    import shoal
+
+    cluster = shoal.Cluster(n_workers=2)
+    assert cluster.client().submit(pow, 2, 2).result(timeout=30) == 4
+    print(cluster.broker.pid, *[p.pid for p in cluster.workers], flush=True)
+    sys.stdin.read()  # until the test kills this process
+""")
+
+
+@pytest.mark.timeout(60)
+def test_children_exit_when_the_parent_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(KILLED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: set = set()
+    try:
+        line = parent.stdout.readline()
+        assert line, f"the script failed: {parent.stderr.read()}"
+        pids.update(int(p) for p in line.split())
+        assert len(pids) == 3 and not pids_gone(pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        wait_until(lambda: pids_gone(pids), 15, message="the orphaned broker and workers to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdin.close()
+        parent.stdout.close()
+        parent.stderr.close()
+        for pid in pids:  # never leave orphans behind, even when the test fails
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def test_children_exit_when_the_parent_exits_without_closing(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import shoal
+        cluster = shoal.Cluster(n_workers=1)
+        print(cluster.broker.pid, *[p.pid for p in cluster.workers], flush=True)
+        # no close(): the interpreter exits here
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    pids = {int(p) for p in done.stdout.split()}
+    assert len(pids) == 2
+    wait_until(lambda: pids_gone(pids), 15, message="the broker and worker to exit")
