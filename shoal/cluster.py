@@ -48,7 +48,7 @@ class Cluster:
     def __init__(self, n_workers: Optional[int] = None, slots: int = 1,
                  listen: str = "127.0.0.1:0", timeout: float = 30.0,
                  log_level: str = "INFO", restart: bool = True,
-                 allowed_failures: int = 3) -> None:
+                 allowed_failures: int = 3, max_result_size: Optional[int] = None) -> None:
         if n_workers is None:
             n_workers = os.cpu_count() or 1
         if n_workers < 0:
@@ -59,6 +59,7 @@ class Cluster:
         self.timeout = timeout
         self.log_level = log_level
         self.allowed_failures = allowed_failures
+        self.max_result_size = max_result_size
         self.log_dir = runtime_dir() / f"cluster-{os.getpid()}-{id(self):x}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._workers: list[subprocess.Popen] = []
@@ -107,11 +108,14 @@ class Cluster:
     def _start_worker(self) -> subprocess.Popen:
         self._worker_seq += 1
         name = f"local-{self._worker_seq}"
+        extra = [] if self.max_result_size is None else ["--max-result-size",
+                                                         str(self.max_result_size)]
         with self._log(name) as log:
             proc = subprocess.Popen(
                 _python_command("shoal.worker", "--connection-file", self.connection_file,
                                 "--slots", str(self.slots), "--name", name,
-                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level),
+                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
+                                *extra),
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         proc.started_at = time.monotonic()  # type: ignore[attr-defined]
         self._names[proc.pid] = name

@@ -74,3 +74,7 @@ class WorkerLost(ShoalError):
 
 class BrokerLost(ShoalError):
     """The broker stopped answering, or restarted, while tasks were in flight."""
+
+
+class ResultTooLarge(ShoalError):
+    """A task's result was over its worker's ``--max-result-size``; nothing was sent."""

@@ -38,6 +38,12 @@ class _Batch(Future):
         self.started: Optional[float] = None
         self.duration: Optional[float] = None
 
+    def _release(self) -> None:
+        """Drop the values once a streaming iteration has passed them."""
+        with self._condition:
+            self._result = None
+            self.items = None
+
 
 class MapResult:
     """The results of :meth:`Client.map`, iterable in input order as they arrive.
@@ -79,6 +85,13 @@ class MapResult:
         self._cancelled = False
         self._per_item: Optional[float] = None
         self._item_futures: Optional[list] = None
+        # A map over a generator streams: once the caller iterates, values are
+        # released as they are passed and the feeder waits for a consumer that
+        # falls behind, so memory stays bounded however long the input is.
+        self._streaming = self.total is None and key is None
+        self._consumed = 0   # batches the iterator has passed
+        self._iterating = False  # a streaming iteration bounds the feed by what it consumed
+        self._released = False
         self.done_count = 0
         self.failed_count = 0
         self.started = time.monotonic()
@@ -134,6 +147,8 @@ class MapResult:
             with self._cond:
                 while not self._cancelled and (
                         self._in_flight >= self._window()
+                        or (self._iterating
+                            and len(self._batches) - self._consumed >= 4 * self._window())
                         or (self._per_item is None and self._in_flight > 0
                             and not self._fixed_batch)):
                     self._cond.wait(0.5)
@@ -248,6 +263,9 @@ class MapResult:
             raise
 
     def _values(self) -> Iterator[Any]:
+        self._check_not_released()
+        if self._streaming:
+            self._iterating = True
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         index = 0
         while True:
@@ -264,6 +282,19 @@ class MapResult:
             else:
                 yield from values
             index += 1
+            if self._streaming:
+                batch._release()
+                with self._cond:
+                    self._released = True
+                    self._consumed = index
+                    self._cond.notify_all()
+
+    def _check_not_released(self) -> None:
+        if self._released:
+            raise ValueError(
+                "this map's input was a generator, so its results stream: each value is "
+                "released once iteration has passed it. Keep them as you iterate "
+                "(values = list(res)), or pass a list or range to keep them in the MapResult.")
 
     def result(self, timeout: Optional[float] = None) -> list:
         """All values as a list, in input order; raises the first failed item's error."""
@@ -278,6 +309,7 @@ class MapResult:
     @property
     def futures(self) -> list:
         """One :class:`Future` per item (waits until the whole input has been sent)."""
+        self._check_not_released()
         with self._cond:
             while not self._exhausted:
                 self._cond.wait(1.0)

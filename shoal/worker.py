@@ -29,12 +29,16 @@ import zmq
 from . import protocol, serialize
 from .capture import OutputRouter
 from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
-from .errors import RemoteError, TaskTimeout
+from .errors import RemoteError, ResultTooLarge, TaskTimeout
 from .protocol import Kind, ProtocolError
 from .security import find_local_broker, read_connection_file, read_key_file
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
+
+#: A result larger than this (bytes, pickled) fails with a clear error instead
+#: of being sent; ``shoal worker --max-result-size`` changes it.
+MAX_RESULT_SIZE = 1 << 30
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -109,7 +113,7 @@ class Worker:
     """A worker process connected to the broker at ``address``."""
 
     def __init__(self, address: str, key: bytes, slots: int = 1, name: Optional[str] = None,
-                 parent_pid: Optional[int] = None) -> None:
+                 parent_pid: Optional[int] = None, max_result_size: int = MAX_RESULT_SIZE) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.address = address
@@ -117,6 +121,7 @@ class Worker:
         self.slots = slots
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.parent_pid = parent_pid
+        self.max_result_size = max_result_size
         self.host = serialize.host_id()
         self.ctx = zmq.Context.instance()
         # Named sockets: the control thread's socket tells the broker which
@@ -330,6 +335,17 @@ class Worker:
             try:
                 out_frames, shm_meta = serialize.dumps(value, shm=reply_shm, hold=False)
                 status = "ok"
+                size = serialize.nbytes(out_frames) + sum(p[3] for p in shm_meta.get("sb", ()))
+                if size > self.max_result_size:
+                    for name in serialize.segment_names(shm_meta):
+                        serialize.segments.unlink(name)
+                    raise ResultTooLarge(
+                        f"the result of {serialize.fn_name(fn)!r} is {size:,} bytes, over this "
+                        f"worker's maximum of {self.max_result_size:,}; return a smaller value "
+                        "(or write it to shared storage and return its path), or start workers "
+                        "with a larger --max-result-size")
+            except ResultTooLarge as err:
+                out_frames, shm_meta, status = encode_exception(err), {}, "err"
             except Exception as exc:
                 err = serialize.SerializationError(
                     f"the result of {serialize.fn_name(fn)!r}, of type "
@@ -419,6 +435,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--key-file", help="file holding the cluster key (with ADDRESS)")
     parser.add_argument("--slots", type=int, default=1, help="tasks run at once (threads; default 1)")
     parser.add_argument("--name", help="worker name shown in status (default HOST-PID)")
+    parser.add_argument("--max-result-size", type=int, default=MAX_RESULT_SIZE,
+                        help="largest result in bytes a task may return (default 1 GiB)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -444,7 +462,8 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     if "://" not in address:
         address = f"tcp://{address}"
-    worker = Worker(address, key, slots=args.slots, name=args.name, parent_pid=args.parent_pid)
+    worker = Worker(address, key, slots=args.slots, name=args.name, parent_pid=args.parent_pid,
+                    max_result_size=args.max_result_size)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
