@@ -24,7 +24,7 @@ from typing import Optional
 import zmq
 
 from . import protocol
-from .protocol import Kind, ProtocolError, VersionMismatch
+from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
 from .liveness import Liveness
 from .records import (PARKED, QUEUED, RUNNING, CancelRequest, ClientRecord, StoredObject, Unit,
                       WorkerRecord)
@@ -44,6 +44,9 @@ DROP_LOG_PER_SECOND = 5
 PARK_SECONDS = 30.0
 
 _COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
+#: Requests that act must name this run of the broker (``bs``): replayed from
+#: an earlier run, they are refused.
+_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST})
 
 
 class Broker(Liveness):
@@ -89,6 +92,8 @@ class Broker(Liveness):
         # Identifies this run of the broker: a client that sees it change knows
         # the broker restarted and what it had in flight is gone.
         self.session = os.urandom(8).hex()
+        self.out = Session()
+        self.guard = ReplayGuard()
         self._stopping = False
         self.started = time.time()
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
@@ -171,12 +176,13 @@ class Broker(Liveness):
     # ------------------------------------------------------------ messages
     def _send(self, ident: bytes, kind: str, fields: Optional[dict] = None,
               frames=(), digests: Optional[dict] = None) -> None:
-        send_frames(self.sock, [ident, *protocol.encode(self.key, kind, fields, frames, digests)])
+        send_frames(self.sock, [ident, *protocol.encode(self.key, kind, fields, frames, digests,
+                                                         self.out)])
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
         try:
-            msg = protocol.decode(self.key, frames[1:], verify_buffers=False)
+            msg = protocol.decode(self.key, frames[1:], verify_buffers=False, guard=self.guard)
         except VersionMismatch as exc:
             self._drop(ident, str(exc))
             self._send(ident, Kind.ERROR, {"msg": str(exc)})
@@ -185,12 +191,24 @@ class Broker(Liveness):
             self._drop(ident, str(exc))
             return
         try:
+            if msg.kind in _SESSION_BOUND and msg.header.get("bs") != self.session:
+                self._refuse_stale(ident, msg)
+                return
             self._handlers[msg.kind](ident, msg)
         except Exception as exc:
             # Signed but malformed: a bug in a peer, never a reason to stop serving.
             logger.warning("malformed %s message from %s: %r", msg.kind, ident.hex(), exc)
             self.counts["dropped"] += 1
             self._send(ident, Kind.ERROR, {"msg": f"malformed {msg.kind} message: {exc!r}"})
+
+    def _refuse_stale(self, ident: bytes, msg: protocol.Message) -> None:
+        """A request meant for another run of the broker: a replay, or a client that
+        has not yet seen the restart; tell it which run this is."""
+        self._drop(ident, f"a {msg.kind} message for another run of the broker")
+        units = msg.header.get("u", ())
+        tids = [u[0] for u in units if isinstance(u, list) and u] if isinstance(units, list) else []
+        self._send(ident, Kind.ERROR, {"stale": True, "session": self.session, "t": tids,
+                                       "msg": "the broker restarted; resubmit"})
 
     def _drop(self, ident: bytes, reason: str) -> None:
         self.counts["dropped"] += 1

@@ -33,6 +33,7 @@ from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
+_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST})
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -69,6 +70,8 @@ class Client:
         self.worker_timeout = worker_timeout
         self.broker_timeout = broker_timeout
         self._session: Optional[str] = None   # the broker run we talk to
+        self._out = protocol.Session()
+        self._guard = protocol.ReplayGuard()
         self._last_heard = time.monotonic()
         self._next_beat = 0.0
         self._key = self.info.key
@@ -461,7 +464,9 @@ class Client:
             sock.close(linger=500)
 
     def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        send_frames(sock, protocol.encode(self._key, kind, fields, frames))
+        if kind in _SESSION_BOUND:
+            fields = dict(fields or (), bs=self._session)
+        send_frames(sock, protocol.encode(self._key, kind, fields, frames, session=self._out))
 
     def _flush(self, sock, leader: bool = False) -> bool:
         """Send everything queued, submits coalesced; False once the client closes.
@@ -533,7 +538,7 @@ class Client:
             frames = recv_frames(sock)
             self._last_heard = time.monotonic()
             try:
-                msg = protocol.decode(self._key, frames)
+                msg = protocol.decode(self._key, frames, guard=self._guard)
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
@@ -563,6 +568,12 @@ class Client:
                     waiter = self._status_waiters.popleft()
                     if not waiter.done():
                         waiter.set_result(msg.header)
+            elif kind == Kind.ERROR and msg.header.get("stale"):
+                # Our request named an earlier run of the broker: it restarted.
+                self._check_session(msg.header.get("session"))
+                error = BrokerLost(f"the broker at {self.address} restarted; resubmit")
+                for tid in msg.header.get("t") or ():
+                    self._fail(tid, error)
             elif kind == Kind.ERROR:
                 text = msg.header.get("msg", "unknown error")
                 tids = msg.header.get("t")

@@ -66,6 +66,8 @@ class Control(threading.Thread):
         self.sock.setsockopt(zmq.IDENTITY, self.socket_id)
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.connect(worker.address)
+        self.session = protocol.Session()
+        self.guard = protocol.ReplayGuard()
         self.main_thread = threading.main_thread().ident
         self._pending_interrupts: dict[int, tuple] = {}  # thread id -> (bid, exception type)
         self._lock = threading.Lock()
@@ -81,7 +83,7 @@ class Control(threading.Thread):
 
     def _send(self, kind: str, fields: dict) -> None:
         fields["wid"] = self.worker.ident
-        send_frames(self.sock, protocol.encode(self.worker.key, kind, fields))
+        send_frames(self.sock, protocol.encode(self.worker.key, kind, fields, session=self.session))
 
     def run(self) -> None:
         worker = self.worker
@@ -107,7 +109,7 @@ class Control(threading.Thread):
     def _receive(self) -> None:
         while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
             try:
-                msg = protocol.decode(self.worker.key, recv_frames(self.sock))
+                msg = protocol.decode(self.worker.key, recv_frames(self.sock), guard=self.guard)
             except ProtocolError as exc:
                 logger.warning("dropped a control message: %s", exc)
                 continue

@@ -10,6 +10,11 @@ Every message is a ZeroMQ multipart ``[signature, header, *frames]``:
   covered by their SHA-256 digest, listed in the signed header under ``bd``, so
   a broker can route a large buffer without hashing it and the receiver that
   decodes it checks the digest before use.
+* Replays are refused: each sending socket has a :class:`Session` (a random
+  ``sid``) and numbers its messages (``seq``); a :class:`ReplayGuard` on the
+  receiving side refuses a message not newer than the last from its ``sid``.
+  Requests that act also name the broker run they are meant for (``bs``), so
+  a message captured in one run of the broker does nothing in the next.
 
 This module is pure: no sockets, no pickle.  Nothing else builds frames.
 """
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -69,6 +76,51 @@ class VersionMismatch(ProtocolError):
     """A correctly signed message from a peer speaking another protocol version."""
 
 
+class Replayed(ProtocolError):
+    """A correctly signed message seen before (or older than one seen): a replay."""
+
+
+class Session:
+    """A sending socket's identity for replay protection: a random id and a counter."""
+
+    __slots__ = ("sid", "_seq")
+
+    def __init__(self) -> None:
+        self.sid = os.urandom(8)
+        self._seq = itertools.count(1)
+
+    def stamp(self, header: dict) -> None:
+        header["sid"] = self.sid
+        header["seq"] = next(self._seq)
+
+
+class ReplayGuard:
+    """Refuses a message whose ``seq`` is not above the last seen from its ``sid``.
+
+    ZeroMQ delivers each connection's messages in order, so a sender's
+    numbers only grow; anything else is a captured message sent again.
+    """
+
+    def __init__(self, max_senders: int = 100_000) -> None:
+        self.max_senders = max_senders
+        self._last: dict = {}
+        self.refused = 0
+
+    def check(self, header: dict) -> None:
+        sid, seq = header.get("sid"), header.get("seq")
+        if not isinstance(sid, bytes) or type(seq) is not int:
+            self.refused += 1
+            raise Replayed("message carries no session and sequence number")
+        last = self._last.get(sid, 0)
+        if seq <= last:
+            self.refused += 1
+            raise Replayed(f"message {seq} from session {sid.hex()} was already seen "
+                           f"(last {last}): a replay")
+        if last == 0 and len(self._last) >= self.max_senders:
+            self._last.pop(next(iter(self._last)))  # forget the oldest sender
+        self._last[sid] = seq
+
+
 @dataclass
 class Message:
     """A verified, decoded message."""
@@ -81,7 +133,8 @@ class Message:
         return f"Message({self.kind!r}, {len(self.frames)} frames)"
 
 
-_RESERVED = frozenset({"v", "k", "nf"})  # always set by encode; a field there would vanish
+# Always set by encode; a field of the same name would vanish.
+_RESERVED = frozenset({"v", "k", "nf", "sid", "seq"})
 
 
 def _sign(key: bytes, header: bytes, frames: Sequence) -> bytes:
@@ -98,16 +151,20 @@ def frame_digest(frame) -> bytes:
 
 
 def encode(key: bytes, kind: str, fields: dict | None = None,
-           frames: Sequence = (), digests: dict | None = None) -> list:
+           frames: Sequence = (), digests: dict | None = None,
+           session: Session | None = None) -> list:
     """Return the frames of a signed message of ``kind``.
 
     ``frames`` are bytes-like; large ones are covered by digest.  ``digests``
     maps frame index to an already known digest (a broker forwarding a buffer
-    it did not hash passes the digest it received).
+    it did not hash passes the digest it received).  ``session`` numbers the
+    message for the receiver's :class:`ReplayGuard`; without one the message
+    gets a session of its own (still refused if sent twice).
     """
     header = dict(fields) if fields else {}
     if _RESERVED.intersection(header):
         raise ValueError(f"header fields {sorted(_RESERVED.intersection(header))} are reserved")
+    (session or Session()).stamp(header)
     header["v"] = PROTOCOL_VERSION
     header["k"] = kind
     header["nf"] = len(frames)
@@ -140,12 +197,14 @@ def _unpack_header(raw) -> dict:
     return header
 
 
-def decode(key: bytes, frames: Sequence, verify_buffers: bool = True) -> Message:
+def decode(key: bytes, frames: Sequence, verify_buffers: bool = True,
+           guard: ReplayGuard | None = None) -> Message:
     """Verify and decode a multipart message; raise :class:`ProtocolError` if bad.
 
     The signature is checked before the header is parsed.  With
     ``verify_buffers=False`` (the broker, which never reads buffers) large
     frames are not hashed; their digests stay in the header for the receiver.
+    With a ``guard``, a message seen before raises :class:`Replayed`.
     """
     if len(frames) < 2:
         raise ProtocolError(f"truncated message: {len(frames)} frame(s), need at least 2")
@@ -160,7 +219,10 @@ def decode(key: bytes, frames: Sequence, verify_buffers: bool = True) -> Message
         raise ProtocolError("bad signature")
     header = _unpack_header(raw)
     try:
-        return _check(header, body, verify_buffers)
+        message = _check(header, body, verify_buffers)
+        if guard is not None:
+            guard.check(header)
+        return message
     except (TypeError, AttributeError, ValueError, OverflowError) as exc:
         # Correctly signed yet the wrong shape: a buggy peer, dropped all the same.
         raise ProtocolError(f"malformed header ({exc!r})") from None

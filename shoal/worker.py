@@ -133,6 +133,8 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(address)
+        self.session = protocol.Session()
+        self.guard = protocol.ReplayGuard()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outbox: deque = deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -157,7 +159,7 @@ class Worker:
             for i in range(slots)]
 
     def _send(self, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        send_frames(self.sock, protocol.encode(self.key, kind, fields, frames))
+        send_frames(self.sock, protocol.encode(self.key, kind, fields, frames, session=self.session))
 
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
@@ -215,7 +217,7 @@ class Worker:
         while sock.get(_EVENTS) & _POLLIN:
             frames = recv_frames(sock)
             try:
-                msg = protocol.decode(self.key, frames)
+                msg = protocol.decode(self.key, frames, guard=self.guard)
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
