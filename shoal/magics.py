@@ -20,7 +20,6 @@ import ast
 import functools
 import linecache
 import logging
-import os
 import queue
 import sys
 import threading
@@ -782,13 +781,22 @@ class _RemoteRun:
 
 
 def _chain_async(inner: Any, outer: Any, ip: Any, label: Optional[str]) -> None:
-    """Resolve ``outer`` with the cell's value when ``inner`` finishes; pull names then."""
-    parent = _output_parent()
+    """Resolve ``outer`` with the cell's value when ``inner`` finishes; pull names then.
+
+    What the run prints goes to the cell that started it, live, even while
+    other cells run.
+    """
+    writer = _CellWriter(_output_parent(), label)
+    live = hasattr(inner, "add_output_callback")
+    if live:
+        inner.add_output_callback(writer)
 
     def done(f: Any) -> None:
         outer.worker = f.worker
         outer.stdout, outer.stderr = f.stdout, f.stderr
-        _write_to_parent(parent, f, label)
+        if not live:
+            writer("stdout", f.stdout)
+            writer("stderr", f.stderr)
         if f.cancelled():
             outer.cancel()
             return
@@ -798,7 +806,7 @@ def _chain_async(inner: Any, outer: Any, ip: Any, label: Optional[str]) -> None:
             outer.set_exception(_attach_rendering(exc, f.worker or label))
             return
         try:
-            names = _load_names(outcome, label)
+            names = _load_names(outcome, label, writer)
             if label is None:
                 ip.push(names)
             else:
@@ -813,32 +821,36 @@ def _chain_async(inner: Any, outer: Any, ip: Any, label: Optional[str]) -> None:
 
 def _output_parent() -> Any:
     """The current cell's message header, so late output lands in this cell."""
-    stream = sys.stdout
-    getter = getattr(stream, "parent_header", None)
-    return getter if isinstance(getter, dict) else None
+    header = getattr(sys.stdout, "parent_header", None)
+    return header if isinstance(header, dict) and header else None
 
 
-def _write_to_parent(parent: Any, future: Any, label: Optional[str]) -> None:
-    """Write a finished async cell's output into the cell that started it."""
-    for stream_name in ("stdout", "stderr"):
-        text = getattr(future, stream_name, "")
+class _CellWriter:
+    """Writes a background run's output into the cell that started it.
+
+    ipykernel sends a stream message with the parent header of the thread
+    that writes; this sets the starting cell's header for each write, so the
+    frontend shows the text under that cell, not under whichever cell runs now.
+    """
+
+    def __init__(self, parent: Optional[dict], label: Optional[str]) -> None:
+        self.parent = parent
+        self.labellers = {s: _Labeller(label) for s in ("stdout", "stderr")}
+        self.lock = threading.Lock()
+
+    def __call__(self, stream_name: str, text: str) -> None:
         if not text:
-            continue
+            return
         stream = getattr(sys, stream_name)
-        setter = getattr(stream, "set_thread_parent", None)
-        token = setter(parent) if (setter is not None and parent) else None
-        try:
-            stream.write(_label_text(text, label or future.worker) if label else text)
-            stream.flush()
-        finally:
-            if token is not None:
-                stream.reset_thread_parent(token)
-
-
-def _label_text(text: str, label: Optional[str]) -> str:
-    if not label:
-        return text
-    return "".join(f"[{label}] {line}" for line in text.splitlines(True))
+        with self.lock:
+            setter = getattr(stream, "set_thread_parent", None)
+            token = setter(self.parent) if (setter is not None and self.parent) else None
+            try:
+                stream.write(self.labellers[stream_name](text))
+                stream.flush()
+            finally:
+                if token is not None:
+                    stream.reset_thread_parent(token)
 
 
 class _Labeller:
@@ -979,7 +991,7 @@ def _load_value(outcome: CellOutcome) -> Any:
                          f"{type(exc).__name__}: {exc}>")
 
 
-def _load_names(outcome: CellOutcome, worker: Optional[str]) -> dict:
+def _load_names(outcome: CellOutcome, worker: Optional[str], write: Any = None) -> dict:
     import cloudpickle
     names = {}
     kept = dict(outcome.kept)
@@ -991,7 +1003,11 @@ def _load_names(outcome: CellOutcome, worker: Optional[str]) -> dict:
     if kept:
         where = f" on {worker}" if worker else " on the worker"
         detail = "; ".join(f"`{n}` {why}" for n, why in kept.items())
-        print(f"shoal: kept{where}, not brought back: {detail}", file=sys.stderr)
+        note = f"shoal: kept{where}, not brought back: {detail}\n"
+        if write is not None:
+            write("stderr", note)
+        else:
+            sys.stderr.write(note)
     return names
 
 

@@ -105,6 +105,7 @@ class Kernel:
         self.kc.wait_for_ready(timeout=60)
         self.comms: dict = {}              # comm id -> latest widget state
         self.display_updates: dict = {}    # display id -> data of its latest update
+        self.late_streams: dict = {}       # parent msg id -> stream text, whenever it came
 
     @property
     def pid(self) -> int:
@@ -120,6 +121,9 @@ class Kernel:
         elif kind == "update_display_data":
             display_id = content.get("transient", {}).get("display_id")
             self.display_updates[display_id] = content["data"]
+        elif kind == "stream":
+            parent = msg["parent_header"].get("msg_id")
+            self.late_streams[parent] = self.late_streams.get(parent, "") + content["text"]
 
     def start(self, code: str, allow_stdin: bool = True) -> str:
         return self.kc.execute(code, allow_stdin=allow_stdin)
@@ -395,6 +399,18 @@ def test_async_returns_a_future_bound_to_underscore_or_to_a_name(kernel):
     kernel.run("%%remote --async --to fut\nprint('from async')\nlater = 7\nlater * 6")
     assert kernel.run("fut.result(30), fut.stdout").value == (42, "from async\n")
     assert kernel.run("fut.result(30); later").value == 7  # pulled when it finished
+
+
+@pytest.mark.timeout(60)
+def test_async_output_lands_in_the_cell_that_started_it(kernel, gate):
+    started = kernel.start("%%remote --async --to bg\n" + gate_loop(gate, "begun") +
+                           "print('finished')")
+    kernel.collect(started)
+    gate.touch()
+    reply = kernel.run("print('other cell'); bg.result(30)")
+    kernel.run("pass")   # output written just before bg finished has surely arrived by now
+    assert reply.stdout == "other cell\n"
+    assert kernel.late_streams[started] == "begun\nfinished\n"
 
 
 @pytest.mark.timeout(60)

@@ -74,7 +74,6 @@ def test_plain_display_prints_whole_lines_and_context_exit_stops_it():
 
 
 # ----------------------------------------------------------------- trackers on real maps
-import os  # noqa: E402
 
 from conftest import wait_for_gate, wait_until  # noqa: E402
 
