@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from typing import Optional
 
 import zmq
@@ -28,13 +29,18 @@ from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
 from .liveness import Liveness
 from .records import (PARKED, QUEUED, RUNNING, CancelRequest, ClientRecord, StoredObject, Unit,
                       WorkerRecord)
-from .security import ConnectionInfo, new_key, runtime_dir, write_connection_file
+from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets, create_peer,
+                       default_home, new_key, read_connection_file, runtime_dir,
+                       write_connection_file)
 from .serialize import host_id
 from .store import ResultStore
-from .transport import recv_frames, send_frames
+from .transport import MessageTooLarge, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
+#: Limits on what one message may hold (``--max-frames``, ``--max-message-size``).
+MAX_FRAMES = 100_000
+MAX_MESSAGE_BYTES = 4 << 30
 #: Log at most this many dropped-message lines per second; the rest are counted.
 DROP_LOG_PER_SECOND = 5
 
@@ -58,10 +64,33 @@ class Broker(Liveness):
 
     def __init__(self, listen: str = "tcp://127.0.0.1:0", key: Optional[bytes] = None,
                  connection_file: Optional[str] = None, parent_pid: Optional[int] = None,
-                 ipc: bool = True) -> None:
-        self.key = key or new_key()
+                 ipc: bool = True, home: Optional[Path] = None,
+                 max_frames: int = MAX_FRAMES, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.max_frames = max_frames
+        self.max_message_bytes = max_message_bytes
+        # libzmq drops an oversized frame (and its sender's connection) before buffering it.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # With a home directory the broker is Curve-secured: every peer
+        # authenticates with a key on its allow-list, and traffic is encrypted.
+        self.home = home
+        self.allow: Optional[AllowList] = None
+        self.authenticator = None
+        curve = None
+        if home is not None:
+            secrets_ = broker_secrets(home)
+            key = secrets_.key
+            self.allow = AllowList(home / "allowed")
+            from zmq.auth.thread import ThreadAuthenticator
+            self.authenticator = ThreadAuthenticator(self.ctx)
+            self.authenticator.start()
+            self.authenticator.configure_curve_callback("*", self.allow)
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = secrets_.secret
+            self.sock.curve_publickey = secrets_.public
+            curve = secrets_
+        self.key = key or new_key()
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -76,6 +105,8 @@ class Broker(Liveness):
             except zmq.ZMQError as exc:
                 logger.info("no IPC endpoint (%s); local peers use TCP", exc)
         self.info = ConnectionInfo(self.address, self.key, ipc=self.ipc_address, host=host_id())
+        if curve is not None:
+            self.info = self._local_peer(curve)
         self.connection_file = None
         if connection_file:
             self.connection_file = str(write_connection_file(self.info, connection_file))
@@ -116,6 +147,15 @@ class Broker(Liveness):
             Kind.ATTACH: self._on_attach,
         }
 
+    def _local_peer(self, curve: BrokerSecrets) -> ConnectionInfo:
+        """The keys this host's own clients and workers use (the allowed peer "local")."""
+        peer = self.home / "peers" / "local.json"
+        if not (self.home / "allowed" / "local.key").exists():
+            create_peer(self.home, "local", self.address)
+        local = read_connection_file(peer)
+        return ConnectionInfo(self.address, self.key, ipc=self.ipc_address, host=host_id(),
+                              curve={**local.curve, "server_key": curve.public.decode()})
+
     # ------------------------------------------------------------ main loop
     def run(self) -> None:
         """Serve until :meth:`stop` or SIGTERM/SIGINT."""
@@ -129,9 +169,13 @@ class Broker(Liveness):
                     # then serves a burst, and credits are up to date.
                     for _ in range(512):
                         try:
-                            frames = recv_frames(sock)
+                            frames = recv_frames(sock, max_frames=self.max_frames + 1,
+                                                 max_bytes=self.max_message_bytes)
                         except zmq.Again:
                             break
+                        except MessageTooLarge as exc:
+                            self._drop(b"?", str(exc))
+                            continue
                         self._handle(frames)
                     if self.queue:
                         self._dispatch()
@@ -162,6 +206,8 @@ class Broker(Liveness):
         for w in list(self.workers.values()):
             self._send(w.ident, Kind.SHUTDOWN)
         self.sock.close(linger=100)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         if self.connection_file:
             try:
                 os.unlink(self.connection_file)  # nobody should find a stopped broker
@@ -181,6 +227,10 @@ class Broker(Liveness):
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
+        if self.allow is not None and self.allow.name_of(frames[-1].get("User-Id")) is None:
+            # ZAP checks a key when a connection opens; this catches one revoked since.
+            self._drop(ident, "its key is no longer on the allow-list")
+            return
         try:
             msg = protocol.decode(self.key, frames[1:], verify_buffers=False, guard=self.guard)
         except VersionMismatch as exc:
@@ -669,9 +719,17 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without encryption (dangerous)")
+    parser.add_argument("--home", help="where a secure broker keeps its keys and allow-list "
+                        "(default ~/.shoal/broker; see `shoal keys`)")
+    parser.add_argument("--curve", action="store_true",
+                        help="encrypt and authenticate even on loopback")
     parser.add_argument("--allowed-failures", type=int, default=Liveness.allowed_failures,
                         help="fail a task with WorkerLost once this many workers died running "
                              "it (default %(default)s)")
+    parser.add_argument("--max-frames", type=int, default=MAX_FRAMES,
+                        help="most frames one message may have (default %(default)s)")
+    parser.add_argument("--max-message-size", type=int, default=MAX_MESSAGE_BYTES,
+                        help="most bytes one message may have (default 4 GiB)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -679,17 +737,24 @@ def main(argv: Optional[list] = None) -> int:
     if args.allowed_failures < 1:
         parser.error("--allowed-failures must be at least 1")
     listen = args.listen if "://" in args.listen else f"tcp://{args.listen}"
-    if not is_loopback(listen):
-        if not args.insecure:
-            print(f"shoal broker: refusing to listen on {args.listen} without encryption: anyone "
-                  "who reaches that port could run code on your workers. Listen on 127.0.0.1 "
-                  "and tunnel (ssh -L), or pass --insecure on a network you trust.",
+    home = None
+    if args.insecure and not is_loopback(listen):
+        logger.warning("!!! LISTENING ON %s WITHOUT ENCRYPTION OR AUTHENTICATION (--insecure): "
+                       "anyone who reaches this port and learns the key can run code on the "
+                       "workers, and every message is readable on the network !!!", args.listen)
+    elif args.curve or not is_loopback(listen):
+        if not zmq.has("curve"):
+            print("shoal broker: this pyzmq/libzmq has no CurveZMQ support, which listening "
+                  "beyond loopback needs; install pyzmq from PyPI or listen on 127.0.0.1",
                   file=sys.stderr)
             return 2
-        logger.warning("LISTENING ON %s WITHOUT ENCRYPTION (--insecure): messages are signed "
-                       "but readable by anyone on the network", args.listen)
+        home = Path(args.home).expanduser() if args.home else default_home()
     path = args.connection_file or str(runtime_dir() / f"broker-{os.getpid()}.json")
-    broker = Broker(listen, connection_file=path, parent_pid=args.parent_pid)
+    broker = Broker(listen, connection_file=path, parent_pid=args.parent_pid, home=home,
+                    max_frames=args.max_frames, max_message_bytes=args.max_message_size)
+    if home is not None:
+        logger.info("Curve-secured; keys in %s. Allow a remote worker with: shoal keys create "
+                    "NAME --address tcp://THIS_HOST:PORT", home)
     broker.allowed_failures = args.allowed_failures
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())

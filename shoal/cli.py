@@ -222,6 +222,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- keys
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create, list or revoke the keys peers use to reach a Curve-secured broker."""
+    from pathlib import Path
+
+    from .security import create_peer, default_home, list_peers, revoke_peer
+    home = Path(args.home).expanduser() if args.home else default_home()
+    try:
+        if args.action == "create":
+            if not args.name or not args.address:
+                print("shoal keys create: give NAME and --address tcp://HOST:PORT (the address "
+                      "the remote machine reaches the broker at)", file=sys.stderr)
+                return 2
+            address = args.address if "://" in args.address else f"tcp://{args.address}"
+            path = create_peer(home, args.name, address)
+            print(f"created key {args.name!r}; its connection file is {path}\n"
+                  f"copy it to the remote machine (keep it private) and run there:\n"
+                  f"  shoal worker --connection-file {path.name}")
+        elif args.action == "list":
+            peers = list_peers(home)
+            if not peers:
+                print(f"no keys in {home / 'allowed'}")
+            for name, public in peers:
+                print(f"{name:<24} {public}")
+        elif args.action == "revoke":
+            if not args.name:
+                print("shoal keys revoke: give the NAME of the key", file=sys.stderr)
+                return 2
+            if not revoke_peer(home, args.name):
+                print(f"shoal keys: no key named {args.name!r} in {home}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name!r}: the broker refuses it from now on")
+    except (OSError, ValueError) as exc:
+        print(f"shoal keys: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -259,6 +297,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2_000,
                    help="random points per task (default 2000)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keys", help="create, list or revoke keys of a secure broker",
+                       description="Manage the allow-list of a Curve-secured broker (one that "
+                                   "listens beyond loopback). `create` writes a connection file "
+                                   "to give to a remote worker or client.")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("name", nargs="?", help="the key's name (create, revoke)")
+    p.add_argument("--address", help="create: the broker's address as the peer reaches it")
+    p.add_argument("--home", help="the broker's key directory (default ~/.shoal/broker)")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

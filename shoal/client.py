@@ -28,7 +28,7 @@ from .futures import Encoded, Future, attach_traceback
 from .mapping import MapResult, _Batch
 from .protocol import Kind, ProtocolError
 from .refs import Ref, collect_refs
-from .security import resolve_connection, runtime_dir
+from .security import apply_curve, resolve_connection, runtime_dir
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -437,6 +437,7 @@ class Client:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        apply_curve(sock, self.info)
         sock.connect(self.info.local_address())
         self._sock = sock
         poller = zmq.Poller()

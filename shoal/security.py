@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -48,10 +49,15 @@ class ConnectionInfo:
     #: an IPC endpoint of the same broker, and the host it serves it on
     ipc: Optional[str] = None
     host: Optional[str] = None
+    #: for a Curve-secured broker: its public key and this peer's keypair (z85)
+    curve: Optional[dict] = None
 
     def to_json(self) -> dict:
-        return {"address": self.address, "key": self.key.hex(), "version": self.version,
+        data = {"address": self.address, "key": self.key.hex(), "version": self.version,
                 "ipc": self.ipc, "host": self.host}
+        if self.curve:
+            data["curve"] = self.curve
+        return data
 
     def local_address(self) -> str:
         """The IPC endpoint when this process is on the broker's host, else the address."""
@@ -81,6 +87,7 @@ def read_connection_file(path: str | os.PathLike) -> ConnectionInfo:
     """Read a connection file; raise ``ValueError`` naming what is wrong with it."""
     path = Path(path)
     try:
+        check_private(path)
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(
@@ -97,11 +104,17 @@ def read_connection_file(path: str | os.PathLike) -> ConnectionInfo:
     if version != PROTOCOL_VERSION:
         raise ValueError(
             f"connection file {path} is for shoal protocol {version}, this is {PROTOCOL_VERSION}")
-    return ConnectionInfo(address, key, version, ipc=data.get("ipc"), host=data.get("host"))
+    curve = data.get("curve")
+    if curve is not None and not (isinstance(curve, dict) and all(
+            isinstance(curve.get(k), str) for k in ("server_key", "public_key", "secret_key"))):
+        raise ValueError(f"connection file {path} has a malformed 'curve' section")
+    return ConnectionInfo(address, key, version, ipc=data.get("ipc"), host=data.get("host"),
+                          curve=curve)
 
 
 def read_key_file(path: str | os.PathLike) -> bytes:
     """A key from a connection file or a file holding the key in hex."""
+    check_private(path)
     text = Path(path).read_text().strip()
     if text.startswith("{"):
         return read_connection_file(path).key
@@ -166,3 +179,145 @@ def resolve_connection(target=None, key: Optional[bytes] = None,
     if isinstance(key, str):
         key = bytes.fromhex(key)
     return ConnectionInfo(target, key)
+
+
+# ---------------------------------------------------------------- file modes
+def check_private(path: str | os.PathLike) -> None:
+    """Refuse a secret-holding file that others can read, as ssh does."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(
+            f"{path} is readable by others (mode {mode:o}) but holds a secret key; "
+            f"refusing to use it. Run: chmod 600 {path}")
+
+
+def _write_private(path: Path, text: str) -> Path:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- CurveZMQ
+# A broker that listens beyond loopback encrypts and authenticates with
+# CurveZMQ.  Its home directory (default ~/.shoal/broker, mode 0700) holds:
+#   hmac.key              the cluster's signing key (kept, so peers' files stay valid)
+#   broker.key_secret     the broker's Curve keypair (pyzmq certificate format)
+#   allowed/NAME.key      the public key of each peer allowed to connect
+#   peers/NAME.json       the connection file made for each peer (give it to them)
+PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SHOAL_HOME", Path.home() / ".shoal")) / "broker"
+
+
+@dataclass(frozen=True)
+class BrokerSecrets:
+    """A secure broker's signing key and Curve keypair (z85)."""
+
+    key: bytes
+    public: bytes
+    secret: bytes
+
+    def __repr__(self) -> str:
+        return f"BrokerSecrets(public={self.public.decode()!r})"
+
+
+def broker_secrets(home: Path) -> BrokerSecrets:
+    """Load the broker's keys from ``home``, creating them on first use."""
+    import zmq.auth
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    hmac_path = home / "hmac.key"
+    if not hmac_path.exists():
+        _write_private(hmac_path, new_key().hex())
+    check_private(hmac_path)
+    cert = home / "broker.key_secret"
+    if not cert.exists():
+        zmq.auth.create_certificates(str(home), "broker")
+        os.chmod(cert, 0o600)
+    check_private(cert)
+    public, secret = zmq.auth.load_certificate(str(cert))
+    return BrokerSecrets(bytes.fromhex(hmac_path.read_text().strip()), public, secret)
+
+
+def create_peer(home: Path, name: str, address: str) -> Path:
+    """Allow a new client or worker: make its keypair and connection file; return the file."""
+    import zmq
+    if not PEER_NAME.match(name):
+        raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-'")
+    if (home / "allowed" / f"{name}.key").exists():
+        raise FileExistsError(f"a key named {name!r} exists; revoke it first or pick another name")
+    secrets_ = broker_secrets(home)
+    public, secret = zmq.curve_keypair()
+    _write_private(home / "allowed" / f"{name}.key", public.decode() + "\n")
+    info = ConnectionInfo(address, secrets_.key, curve={
+        "server_key": secrets_.public.decode(), "public_key": public.decode(),
+        "secret_key": secret.decode(), "name": name})
+    return write_connection_file(info, home / "peers" / f"{name}.json")
+
+
+def list_peers(home: Path) -> list:
+    """``[(name, public key)]`` of the allowed peers."""
+    allowed = home / "allowed"
+    if not allowed.is_dir():
+        return []
+    return [(p.stem, p.read_text().strip()) for p in sorted(allowed.glob("*.key"))]
+
+
+def revoke_peer(home: Path, name: str) -> bool:
+    """Remove a peer from the allow-list (its connections are refused from now on)."""
+    path = home / "allowed" / f"{name}.key"
+    if not path.exists():
+        return False
+    path.unlink()
+    peer_file = home / "peers" / f"{name}.json"
+    if peer_file.exists():
+        peer_file.unlink()
+    return True
+
+
+class AllowList:
+    """The broker's allow-list of peer public keys, re-read when the directory changes.
+
+    Used as the ZAP credentials callback, and per message to drop what a peer
+    sends after its key was revoked (ZAP only runs when a connection opens).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._stamp = None
+        self._keys: dict = {}
+
+    def _refresh(self) -> None:
+        try:
+            stamp = self.directory.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._keys = {key.encode(): name for name, key in list_peers(self.directory.parent)}
+
+    def callback(self, domain, key: bytes) -> bool:
+        """ZAP: may this public key (z85) connect?"""
+        self._refresh()
+        return key in self._keys
+
+    def name_of(self, key) -> Optional[str]:
+        self._refresh()
+        if isinstance(key, str):
+            key = key.encode()
+        return self._keys.get(key)
+
+
+def apply_curve(sock, info: ConnectionInfo) -> None:
+    """Configure a client or worker socket for a Curve-secured broker (before connect)."""
+    if not info.curve:
+        return
+    sock.curve_secretkey = info.curve["secret_key"].encode()
+    sock.curve_publickey = info.curve["public_key"].encode()
+    sock.curve_serverkey = info.curve["server_key"].encode()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import zmq
 
+from .protocol import ProtocolError
+
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 #: Frames at least this large are handed to ZeroMQ without a copy.
@@ -27,15 +29,36 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
             send(frame, flags)
 
 
-def recv_frames(sock: zmq.Socket, block: bool = False) -> list:
+class MessageTooLarge(ProtocolError):
+    """A message over the receiver's frame or size limit; its frames were dropped."""
+
+
+def recv_frames(sock: zmq.Socket, block: bool = False, max_frames: int = 0,
+                max_bytes: int = 0) -> list:
     """Receive one multipart message as ``zmq.Frame`` objects (no copy).
 
-    Raises ``zmq.Again`` when ``block`` is false and nothing is waiting.
+    With limits, frames past ``max_frames`` or ``max_bytes`` in all are read
+    and dropped one by one (never held together), then MessageTooLarge is
+    raised.  Raises ``zmq.Again`` when ``block`` is false and nothing waits.
     """
     recv = sock.recv
     frame = recv(0 if block else _NOBLOCK, copy=False)
     frames = [frame]
+    if not (max_frames or max_bytes):
+        while frame.more:
+            frame = recv(0, copy=False)
+            frames.append(frame)
+        return frames
+    count, size = 1, len(frame)
     while frame.more:
         frame = recv(0, copy=False)
-        frames.append(frame)
+        count += 1
+        size += len(frame)
+        if (max_frames and count > max_frames) or (max_bytes and size > max_bytes):
+            frames = None  # drop what was held; keep draining this message
+        elif frames is not None:
+            frames.append(frame)
+    if frames is None:
+        raise MessageTooLarge(f"message of {count} frames and {size:,} bytes is over the limit "
+                              f"({max_frames} frames, {max_bytes:,} bytes)")
     return frames

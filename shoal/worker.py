@@ -31,7 +31,8 @@ from .capture import OutputRouter
 from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
 from .errors import RemoteError, ResultTooLarge, TaskTimeout
 from .protocol import Kind, ProtocolError
-from .security import find_local_broker, read_connection_file, read_key_file
+from .security import (ConnectionInfo, apply_curve, find_local_broker, read_connection_file,
+                       read_key_file)
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class Worker:
     """A worker process connected to the broker at ``address``."""
 
     def __init__(self, address: str, key: bytes, slots: int = 1, name: Optional[str] = None,
-                 parent_pid: Optional[int] = None, max_result_size: int = MAX_RESULT_SIZE) -> None:
+                 parent_pid: Optional[int] = None, max_result_size: int = MAX_RESULT_SIZE,
+                 curve: Optional[dict] = None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.address = address
@@ -132,6 +134,8 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.curve = curve
+        self.apply_curve(self.sock)
         self.sock.connect(address)
         self.session = protocol.Session()
         self.guard = protocol.ReplayGuard()
@@ -187,6 +191,11 @@ class Worker:
                             self._flush_results()
         finally:
             self._close()
+
+    def apply_curve(self, sock) -> None:
+        """Set a socket's Curve keys when the broker is Curve-secured."""
+        if self.curve:
+            apply_curve(sock, ConnectionInfo(self.address, self.key, curve=self.curve))
 
     def hello_fields(self) -> dict:
         """What this worker tells the broker when it registers."""
@@ -446,26 +455,27 @@ def main(argv: Optional[list] = None) -> int:
                         format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
     if args.address and "://" not in args.address:
         args.address = f"tcp://{args.address}"
+    curve = None
     try:
         if args.connection_file:
             info = read_connection_file(args.connection_file)
-            address, key = args.address or info.local_address(), info.key
+            address, key, curve = args.address or info.local_address(), info.key, info.curve
         elif args.address and (args.key_file or os.environ.get("SHOAL_KEY")):
             address = args.address
             key = (read_key_file(args.key_file) if args.key_file
                    else bytes.fromhex(os.environ["SHOAL_KEY"]))
         elif args.address:
             info = find_local_broker(args.address)  # a broker on this host
-            address, key = info.local_address(), info.key
+            address, key, curve = info.local_address(), info.key, info.curve
         else:
             parser.error("give the broker's ADDRESS, or --connection-file FILE")
-    except (LookupError, OSError, ValueError) as exc:
+    except (LookupError, OSError, ValueError) as exc:  # PermissionError included
         print(f"shoal worker: {exc}", file=sys.stderr)
         return 2
     if "://" not in address:
         address = f"tcp://{address}"
     worker = Worker(address, key, slots=args.slots, name=args.name, parent_pid=args.parent_pid,
-                    max_result_size=args.max_result_size)
+                    max_result_size=args.max_result_size, curve=curve)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
