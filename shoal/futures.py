@@ -105,35 +105,29 @@ class Future(cf.Future):
         Raises the task's exception (with the remote traceback as its cause),
         ``concurrent.futures.TimeoutError`` or ``CancelledError``.
         """
-        if self._client is not None and self._state == "PENDING":
-            try:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                self._client._lead(self, timeout)
-                if deadline is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
-                value = super().result(timeout)
-            except KeyboardInterrupt:
-                self._interrupted()
-                raise
-        else:
-            value = super().result(timeout)
+        value = self._wait(super().result, timeout)
         if type(value) is Encoded:
             value = self._decode(value)
         return value
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         """Return the task's exception (``None`` if it succeeded), waiting up to ``timeout``."""
-        if self._client is not None and self._state == "PENDING":
-            try:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                self._client._lead(self, timeout)
-                if deadline is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
-                return super().exception(timeout)
-            except KeyboardInterrupt:
-                self._interrupted()
-                raise
-        return super().exception(timeout)
+        return self._wait(super().exception, timeout)
+
+    def _wait(self, get: Callable[[Optional[float]], Any], timeout: Optional[float]) -> Any:
+        """``get(timeout)`` after receiving on this thread while the task is pending
+        (see Client._lead); Ctrl-C meanwhile cancels the task."""
+        if self._client is None or self._state != "PENDING":
+            return get(timeout)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._client._lead(self, timeout)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+            return get(timeout)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
 
     def _interrupted(self) -> None:
         """Ctrl-C while waiting on this future: stop the task (best effort, quickly)."""
