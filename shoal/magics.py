@@ -942,11 +942,27 @@ def _wait_and_stream(futures: dict, timeout: Optional[float], labelled: bool) ->
 
 def _cancel(futures: dict, pending: set) -> str:
     """Cancel the runs still pending; say what happened to each."""
-    stopped, running = [], []
+    import concurrent.futures as cf
+    stopped, unsure = [], {}
     for label in pending:
         future = futures[label]
         name = label or future.worker or "its worker"
-        (stopped if future.cancel() else running).append(name)
+        if future.cancel():
+            stopped.append(name)
+        else:
+            unsure[future] = name
+    # An interrupted run may report back as finished (cancelled) rather than in
+    # the cancel reply: give it a moment to do so.
+    deadline = time.monotonic() + 2.0
+    for future in list(unsure):
+        try:
+            future.exception(max(0.0, deadline - time.monotonic()))
+        except cf.CancelledError:
+            pass
+        except cf.TimeoutError:
+            continue
+        stopped.append(unsure.pop(future))
+    running = list(unsure.values())
     parts = []
     if stopped:
         parts.append("cancelled the remote run" + (f" on {', '.join(map(str, stopped))}"

@@ -139,11 +139,17 @@ class Tracker:
         """Block until :meth:`done` or ``timeout``; return whether it is done."""
         if self.kind == "map" and hasattr(self.obj, "wait"):
             return bool(self.obj.wait(timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self.kind == "futures":
             import concurrent.futures as cf
-            not_done = cf.wait(self.obj, timeout).not_done
-            return not not_done
-        deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                pending = [f for f in self.obj if not f.done()]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if not pending or (remaining is not None and remaining <= 0):
+                    return not pending
+                # Bounded: a future cancelled without notifying waiters wakes no one.
+                cf.wait(pending, 0.5 if remaining is None else min(0.5, remaining),
+                        return_when=cf.FIRST_COMPLETED)
         while not self.done():
             if deadline is not None and time.monotonic() >= deadline:
                 return False

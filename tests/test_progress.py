@@ -1,7 +1,8 @@
-"""TextProgress against a stand-in map (no cluster needed)."""
+"""Progress: TextProgress on a stand-in map, trackers on real maps, terminal IPython."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 
@@ -153,3 +154,25 @@ def test_progress_mode_follows_the_flag_and_the_environment(monkeypatch):
     monkeypatch.delenv("CI")
     monkeypatch.delenv("SHOAL_PROGRESS")
     assert progress_mode(True) == "text"               # a script asked for progress
+
+
+@pytest.mark.timeout(90)
+def test_terminal_ipython_shows_a_displayed_map_as_one_text_line(tmp_path):
+    pytest.importorskip("IPython")
+    import subprocess
+    import sys
+    session = "\n".join([
+        "import shoal",
+        "cluster = shoal.Cluster(2); client = cluster.client()",
+        "res = client.map(abs, range(-30, 0))",
+        "res",
+        "cluster.close()",
+        "exit()"]) + "\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "SHOAL_PROGRESS")}
+    env["IPYTHONDIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--simple-prompt",
+                          "--colors=nocolor"], input=session, capture_output=True, text=True,
+                         timeout=80, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "30/30" in line]
+    assert len(lines) == 1 and "[" + "#" * 24 + "]  30/30  100%" in lines[0]
