@@ -104,6 +104,7 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
         self.comms: dict = {}              # comm id -> latest widget state
+        self.comm_updates: dict = {}       # comm id -> times a state update arrived
         self.display_updates: dict = {}    # display id -> data of its latest update
         self.late_streams: dict = {}       # parent msg id -> stream text, whenever it came
 
@@ -118,6 +119,7 @@ class Kernel:
             state = content.get("data", {}).get("state")
             if state:
                 self.comms.setdefault(content["comm_id"], {}).update(state)
+                self.comm_updates.setdefault(content["comm_id"], []).append(time.monotonic())
         elif kind == "update_display_data":
             display_id = content.get("transient", {}).get("display_id")
             self.display_updates[display_id] = content["data"]
@@ -490,6 +492,33 @@ def test_map_displays_a_live_widget_that_reaches_100_percent_with_a_text_fallbac
     final = kernel.display_updates[display["display_id"]]
     assert "40/40" in final["text/plain"] and "1 failed" in final["text/plain"]
     assert "shoal-progress" in final["text/html"] and WIDGET_VIEW in final
+
+
+@pytest.mark.timeout(60)
+def test_widget_updates_at_most_about_ten_times_a_second_while_other_cells_run(kernel):
+    kernel.run("os.environ['SHOAL_PROGRESS'] = 'widget'")
+    try:
+        reply = kernel.run("""
+            import time
+            def nap(x):
+                time.sleep(0.004)
+                return x
+            slow = client.map(nap, range(300), batch_size=1)
+            slow
+        """)
+        model_id = reply.displays()[0]["data"][WIDGET_VIEW]["model_id"]
+        # The kernel is busy in this cell while the display keeps updating.
+        kernel.run("slow.wait(60); assert shoal.progress.wait_displays(30)")
+    finally:
+        kernel.run("os.environ.pop('SHOAL_PROGRESS', None)")
+    (bar_id,) = [cid for cid, s in kernel.comms.items()
+                 if s.get("_model_name") == "IntProgressModel"
+                 and "IPY_MODEL_" + cid in str(children_of(kernel, model_id))]
+    assert kernel.comms[bar_id]["value"] == 300
+    times = kernel.comm_updates[bar_id]
+    span = times[-1] - times[0]
+    assert len(times) >= 3                       # it moved while the map ran
+    assert len(times) <= 12 * span + 3           # throttled: about ten a second
 
 
 @pytest.mark.timeout(60)

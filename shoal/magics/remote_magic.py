@@ -111,7 +111,7 @@ def remote_magic(line: str, cell: Optional[str] = None) -> Any:
         opts.is_async = True
         if not opts.to.isidentifier():
             raise _usage_error(f"%%remote --to needs a variable name, not {opts.to!r}")
-    return _RemoteRun(ip, code, opts, header, first_line, line_form=cell is None).run()
+    return _RemoteRun(ip, code, opts, header, first_line).run()
 
 
 class RemoteCellTimeout(TimeoutError):
@@ -125,13 +125,12 @@ class _RemoteRun:
     """One execution of a remote cell, from shipping names to showing the result."""
 
     def __init__(self, ip: Any, code: str, opts: argparse.Namespace, header: str,
-                 first_line: int, line_form: bool) -> None:
+                 first_line: int) -> None:
         self.ip = ip
         self.code = code
         self.opts = opts
         self.header = header
         self.first_line = first_line
-        self.line_form = line_form
         count = getattr(ip, "execution_count", 0)
         self.filename = f"<remote In[{count}]>"
 
@@ -200,11 +199,11 @@ class _RemoteRun:
                 raise _explain_unshippable(shipped, exc) from None
             raise
         if self.opts.is_async:
-            return self._run_async(futures, pull)
+            return self._run_async(futures)
         outcomes = _wait_and_stream(futures, self.opts.timeout, labelled=self.opts.all)
-        return self._finish(outcomes, pull)
+        return self._finish(outcomes)
 
-    def _finish(self, outcomes: dict, pull: list) -> Any:
+    def _finish(self, outcomes: dict) -> Any:
         errors = {label: exc for label, (_, exc) in outcomes.items() if exc is not None}
         if errors:
             raise _remote_failure(errors, self.opts.worker)
@@ -223,7 +222,7 @@ class _RemoteRun:
         self.ip.push(_load_names(outcome, None))
         return _load_value(outcome) if outcome.has_value else None
 
-    def _run_async(self, futures: dict, pull: list) -> Any:
+    def _run_async(self, futures: dict) -> Any:
         from ..futures import Future
         ip = self.ip
         target = self.opts.to
