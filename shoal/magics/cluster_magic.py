@@ -58,6 +58,10 @@ class _HelpShown(Exception):
     """--help was printed; the magic does nothing more."""
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
 def _bind(ip: Any, **names: Any) -> None:
     ip.push(names)
 
@@ -117,10 +121,10 @@ def _cmd_start(ip: Any, argv: list) -> None:
         if cluster is not None and not cluster._closed:
             if args.n_workers is not None and args.n_workers != len(cluster.workers):
                 cluster.scale(args.n_workers)
-                print(f"shoal: scaled the local cluster to {args.n_workers} workers")
+                print(f"shoal: scaled the local cluster to {_workers(args.n_workers)}")
             else:
-                print(f"shoal: the local cluster is already running: {len(cluster.workers)} "
-                      f"workers at {cluster.address}")
+                print(f"shoal: the local cluster is already running: "
+                      f"{_workers(len(cluster.workers))} at {cluster.address}")
             if _state.live_client() is None or _state.client not in cluster._clients:
                 _state.client = cluster.client()
         else:
@@ -137,7 +141,7 @@ def _start_cluster(n_workers: Optional[int], slots: int = 1) -> None:
     _state.client = cluster.client()
     if old is not None and old is not _state.client:
         old.close()
-    print(f"shoal: started a local cluster: {len(cluster.workers)} workers x {slots} slot(s) "
+    print(f"shoal: started a local cluster: {_workers(len(cluster.workers))} x {slots} slot(s) "
           f"at {cluster.address} in {time.monotonic() - t0:.1f} s; `client` and `cluster` "
           "are bound here (`%shoal stop` stops it)")
 
@@ -158,7 +162,7 @@ def _cmd_connect(ip: Any, argv: list) -> None:
         _state.client = client
         if old is not None and (_state.cluster is None or old not in _state.cluster._clients):
             old.close()
-    print(f"shoal: connected to {client.address}: {client.workers} workers, "
+    print(f"shoal: connected to {client.address}: {_workers(client.workers)}, "
           f"{client.slots} slots; `client` is bound here")
     _bind(ip, client=client)
 
