@@ -433,7 +433,7 @@ def test_timeout_gives_up_with_a_clear_error(kernel, gate):
             time.sleep(0.01)
     """, check=False)
     assert reply.status == "error"
-    assert reply.error["ename"] == "RemoteCellTimeout"
+    assert reply.error["ename"] == "RemoteCellTimeout", reply.error["traceback"]
     assert "did not finish within 0.5 s" in reply.error["evalue"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import logging
 import queue
 import shlex
 import sys
@@ -19,6 +20,8 @@ from typing import Any, Optional
 from .cells import CellOutcome, cell_names, run_cell
 from .cluster_magic import _HelpShown, _Parser, _usage_error, current_client, ensure_client
 from .cluster_magic import _shell
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["remote_magic", "RemoteCellTimeout"]
 
@@ -405,7 +408,12 @@ def _cancel(futures: dict, pending: set) -> str:
     for label in pending:
         future = futures[label]
         name = label or future.worker or "its worker"
-        if future.cancel():
+        try:
+            cancelled = future.cancel()
+        except Exception:  # Ctrl-C must never fail here; the state below tells
+            logger.exception("cancelling %r failed", future)
+            cancelled = future.cancelled()
+        if cancelled:
             stopped.append(name)
         else:
             unsure[future] = name
