@@ -1,0 +1,36 @@
+"""The side-by-side benchmark runner still runs: a quick pass over shoal and the stdlib.
+
+It uses this interpreter (``--no-venv``: nothing is installed) and writes to a
+temporary directory, so the committed ``docs/benchmarks`` stay as they are.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(240)
+def test_compare_quick_pass_writes_table_and_floor(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compare.py"), "--quick", "--only",
+         "shoal,stdlib", "--no-venv", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=220, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round trip, median" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    for tool in ("shoal", "stdlib"):
+        main = results["tools"][tool]["main"]
+        assert "fatal" not in main and not main.get("errors"), main
+        assert main["latency_median_us"] > 0 and main["map_per_s"] > 0
+        assert results["tools"][tool]["stream"]["stream_per_s"] > 0
+        assert results["tools"][tool]["scale"]["scaling"]["1"]["map_per_s"] > 0
+        assert not any(results["tools"][tool][p].get("leftovers") for p in ("main", "stream"))
+    assert results["floor"]["tcp_relay"]["latency_median_us"] > 0
+    page = (tmp_path / "results.md").read_text()
+    assert "Distance from the floor" in page and "| round trip, median |" in page
