@@ -6,7 +6,6 @@ Results are decoded lazily in the thread that asks for them.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import itertools
 import logging
 import os
@@ -24,7 +23,7 @@ from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      RemoteError, WorkerLost)
 from .executor import Executor
-from .futures import Encoded, Future, attach_traceback
+from .futures import Encoded, Future, attach_traceback, cancel_and_notify
 from .mapping import MapResult, _Batch
 from .protocol import Kind, ProtocolError
 from .refs import Ref, collect_refs
@@ -176,7 +175,8 @@ class Client:
     def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
             timeout: Optional[float] = None, progress: Optional[bool] = None,
             key: Optional[str] = None, retries: int = 0,
-            task_timeout: Optional[float] = None) -> "MapResult":
+            task_timeout: Optional[float] = None,
+            keep_inputs: Optional[bool] = None) -> "MapResult":
         """Apply ``fn`` to every item (several iterables are zipped, like ``map``).
 
         Items go in batches sized from measured task time unless ``batch_size``
@@ -191,6 +191,9 @@ class Client:
           kernel restart the same call returns finished items at once and runs
           only the rest (see :meth:`results`).
         - ``progress=False`` turns off the live display a notebook shows.
+        - ``keep_inputs``: keep each item for :meth:`MapResult.to_frame`; the
+          default keeps them for lists and ranges, not for generators, whose
+          results stream (and are released as you iterate) to bound memory.
         """
         self._check_open()
         if not iterables:
@@ -200,7 +203,7 @@ class Client:
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a string, not {type(key).__name__}")
         result = MapResult(self, fn, iterables, batch_size, timeout, key=key,
-                           options=_task_options(retries, task_timeout))
+                           options=_task_options(retries, task_timeout), keep_inputs=keep_inputs)
         result.progress = progress
         return result
 
@@ -304,8 +307,7 @@ class Client:
             for name in names:
                 serialize.segments.unlink(name)
         self._segments.clear()
-        if _current() is self:
-            _set_current(None)
+        _set_current(None)
 
     def __enter__(self) -> "Client":
         return self
@@ -719,16 +721,24 @@ def _task_options(retries: int, timeout: Optional[float]) -> dict:
 def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable = ()) -> None:
     """Resolve a task's future from its outcome on the wire."""
     target.worker = meta.get("w")
+    target.started = meta.get("s")
+    target.duration = meta.get("t")
     if "o" in meta or "e" in meta:
         target._final_output(meta.get("o", ""), meta.get("e", ""))
     if isinstance(target, _Batch):
-        target.started = meta.get("s")
-        target.duration = meta.get("t")
+        target.failed = meta.get("f", 0)
         target.map.observe(meta)
     if target.done():  # cancelled meanwhile
         return
     if status == "ok":
-        target.set_result(Encoded(_decoder(frames, meta, list(held))))
+        held = list(held)
+        for name in serialize.segment_names(meta):
+            if name not in serialize.segments.created:
+                # The worker's segment: map it now and unlink its name, so it is
+                # freed with the result even if the result is never read.
+                held.append(serialize.segments.open(name))
+                serialize.segments.unlink(name)
+        target.set_result(Encoded(_decoder(frames, meta, held)))
     elif status == "cancelled":
         cf_cancel(target)
     elif status == "lost":
@@ -739,7 +749,7 @@ def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable
 
 def cf_cancel(future) -> bool:
     """Mark a future cancelled locally, without asking the broker."""
-    return cf.Future.cancel(future)
+    return cancel_and_notify(future)
 
 
 def _decoder(frames: list, meta: dict, held: list) -> Callable[[], Any]:
@@ -747,9 +757,7 @@ def _decoder(frames: list, meta: dict, held: list) -> Callable[[], Any]:
         try:
             return serialize.loads(frames, meta)
         finally:
-            held.clear()
-            for name in serialize.segment_names(meta):
-                serialize.segments.unlink(name)  # the worker's segment: mapped now
+            held.clear()  # the mappings now live as long as the result does
     return decode
 
 
@@ -764,21 +772,27 @@ def decode_exception(frames: list, worker: str) -> BaseException:
 
 
 # ----------------------------------------------------------------- current client
-_current_client: Optional["weakref.ref[Client]"] = None
+_clients: list = []  # weak references, oldest first
 
 
 def _set_current(client: Optional[Client]) -> None:
-    global _current_client
-    _current_client = weakref.ref(client) if client is not None else None
+    """Make ``client`` the newest; ``None`` just forgets closed and collected ones."""
+    _clients[:] = [r for r in _clients if r() is not None and not r()._closed]
+    if client is not None:
+        _clients.append(weakref.ref(client))
 
 
 def _current() -> Optional[Client]:
-    return _current_client() if _current_client is not None else None
+    for ref in reversed(_clients):
+        client = ref()
+        if client is not None and not client._closed:
+            return client
+    return None
 
 
 def get_client() -> Client:
-    """The most recently created open client; raise if there is none."""
+    """The most recently created client that is still open; raise if there is none."""
     client = _current()
-    if client is None or client._closed:
+    if client is None:
         raise ValueError("no shoal client: create one with shoal.Client(...) or shoal.Cluster().client()")
     return client

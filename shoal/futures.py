@@ -62,6 +62,9 @@ class Future(cf.Future):
         super().__init__()
         self.key = key
         self.worker: Optional[str] = None
+        #: wall-clock time the task started on its worker, and the seconds it ran
+        self.started: Optional[float] = None
+        self.duration: Optional[float] = None
         self.stdout: str = ""
         self.stderr: str = ""
         self._client = client
@@ -157,10 +160,15 @@ class Future(cf.Future):
             if self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED"):
                 return True
         if self._client is None:
-            return super().cancel()
+            return self._cancel_locally()
         if self.key in self._client._cancel_keys([self.key]):
-            return super().cancel()
-        return False
+            return self._cancel_locally()
+        # Its result may have overtaken the answer: an interrupted task reports
+        # "cancelled" as its result, which cancels this future on arrival.
+        return self.cancelled()
+
+    def _cancel_locally(self) -> bool:
+        return cancel_and_notify(self)
 
     # -- asyncio -------------------------------------------------------------
     def __await__(self):
@@ -179,6 +187,20 @@ def attach_traceback(exc: BaseException, tb_text: str, worker: str) -> BaseExcep
     """Set ``exc.__cause__`` to the remote traceback, so Python prints it; return ``exc``."""
     exc.__cause__ = RemoteTraceback(tb_text, worker)
     return exc
+
+
+def cancel_and_notify(future: cf.Future) -> bool:
+    """Cancel ``future`` here and wake the stdlib's ``wait()`` and ``as_completed()``.
+
+    Those see only CANCELLED_AND_NOTIFIED as done, which ``cancel()`` alone
+    does not reach.  Safe when several threads cancel the same future.
+    """
+    if not cf.Future.cancel(future):
+        return False
+    with future._condition:  # re-entrant: set_running_or_notify_cancel takes it too
+        if future._state == "CANCELLED":
+            future.set_running_or_notify_cancel()
+    return True
 
 
 def _call(fn: Callable, *args: Any) -> None:

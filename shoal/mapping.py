@@ -35,8 +35,8 @@ class _Batch(Future):
         self.start = start
         self.count = count
         self.items = items
-        self.started: Optional[float] = None
-        self.duration: Optional[float] = None
+        #: items of this batch that raised (their errors travel in the result)
+        self.failed = 0
 
     def _release(self) -> None:
         """Drop the values once a streaming iteration has passed them."""
@@ -56,7 +56,8 @@ class MapResult:
 
     def __init__(self, client: "Client", fn: Optional[Callable], iterables: tuple,
                  batch_size: Optional[int], timeout: Optional[float],
-                 key: Optional[str] = None, options: Optional[dict] = None) -> None:
+                 key: Optional[str] = None, options: Optional[dict] = None,
+                 keep_inputs: Optional[bool] = None) -> None:
         self.client = client
         self.fn = fn
         self.timeout = timeout
@@ -74,7 +75,7 @@ class MapResult:
             self.total = None
         self._fixed_batch = batch_size
         #: inputs are kept per batch (for to_frame) unless the input is a generator
-        self.keep_inputs = self.total is not None
+        self.keep_inputs = self.total is not None if keep_inputs is None else keep_inputs
         self.progress: Optional[bool] = None
         self._batches: list[_Batch] = []
         self._cond = threading.Condition()
@@ -88,7 +89,7 @@ class MapResult:
         # A map over a generator streams: once the caller iterates, values are
         # released as they are passed and the feeder waits for a consumer that
         # falls behind, so memory stays bounded however long the input is.
-        self._streaming = self.total is None and key is None
+        self._streaming = self.total is None and key is None and not self.keep_inputs
         self._consumed = 0   # batches the iterator has passed
         self._iterating = False  # a streaming iteration bounds the feed by what it consumed
         self._released = False
@@ -233,7 +234,8 @@ class MapResult:
             elif batch.exception() is not None:
                 self.failed_count += batch.count
             else:
-                self.done_count += batch.count
+                self.failed_count += batch.failed
+                self.done_count += batch.count - batch.failed
             self._cond.notify_all()
 
     # -- results

@@ -101,11 +101,8 @@ def _remote_traceback(exc: BaseException) -> str:
 
 
 def encode_exception(exc: BaseException) -> list:
-    tb_text = _remote_traceback(exc)
-    try:
-        frames, _ = serialize.dumps((exc, tb_text))
-    except Exception:
-        frames, _ = serialize.dumps((RemoteError(type(exc).__qualname__, str(exc)), tb_text))
+    exc, tb_text = _portable(exc)
+    frames, _ = serialize.dumps((exc, tb_text))
     return frames
 
 
@@ -383,6 +380,8 @@ class Worker:
             reply.update(shm_meta)
         if meta.get("m"):
             reply["n"] = meta.get("n", 1)
+            if status == "ok" and value[1]:
+                reply["f"] = len(value[1])  # items that failed, for progress counts
         out, err = self.stdout.end(), self.stderr.end()
         if out:
             reply["o"] = out
@@ -430,10 +429,11 @@ class Worker:
 
 
 def _portable(exc: BaseException) -> tuple:
-    """An exception and its traceback text, replaced by RemoteError if it won't pickle."""
+    """An exception and its traceback text; RemoteError stands in for one that
+    does not survive a pickle round trip (so it cannot spoil a batch's results)."""
     tb_text = _remote_traceback(exc)
     try:
-        serialize.dumps(exc)
+        serialize.loads(serialize.dumps(exc)[0])
     except Exception:
         exc = RemoteError(type(exc).__qualname__, str(exc))
     return exc, tb_text

@@ -123,12 +123,10 @@ def test_map_over_dataframe_rows_keeps_the_frames_index(idle_client):
 
 
 @pytest.mark.timeout(60)
-def test_map_over_a_row_generator_keeps_the_index_when_the_core_keeps_inputs(idle_client):
+def test_map_over_a_row_generator_with_keep_inputs_keeps_the_index(idle_client):
     frame = pd.DataFrame({"a": [1, 2, 3]}, index=["p", "q", "r"])
-    res = idle_client.map(from_tuple, frame.itertuples())
+    res = idle_client.map(from_tuple, frame.itertuples(), keep_inputs=True)
     assert res.wait(30)
-    if not getattr(res, "keep_inputs", False):
-        pytest.xfail("MapResult keeps no inputs for generator input (core change requested)")
     df = res.to_frame()
     assert list(df.index) == ["p", "q", "r"] and list(df.result) == [10, 20, 30]
 

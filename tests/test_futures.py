@@ -185,11 +185,6 @@ def test_cancel_of_a_queued_task_returns_true_and_it_never_runs(cold_client, gat
     wait_until(lambda: cold_client.status()["counts"]["cancelled"] >= 1, 10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "futures.Future.cancel() and client.cf_cancel() call concurrent.futures.Future.cancel(), "
-    "which leaves the state CANCELLED without notifying waiters; stdlib wait()/as_completed() "
-    "count only CANCELLED_AND_NOTIFIED and FINISHED as done, so they never return a cancelled "
-    "shoal future (fix: call set_running_or_notify_cancel() after a successful cancel)"))
 def test_stdlib_wait_and_as_completed_return_a_cancelled_future(cold_client, gate):
     blockers = occupy_workers(cold_client, gate)
     victim = cold_client.submit(add, 1, 1)
@@ -203,12 +198,6 @@ def test_stdlib_wait_and_as_completed_return_a_cancelled_future(cold_client, gat
         cf.wait(blockers, timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a running task's interrupt is reported twice, by the worker's control socket (CANCELLED "
-    "'i') and its task socket (RESULTS status 'cancelled'); when the result reaches the broker "
-    "first, broker._on_worker_cancelled finds the unit gone from worker.running and leaves it "
-    "out of the answer, so Future.cancel() returns False while client._on_results marks the "
-    "future cancelled"))
 def test_cancel_return_value_matches_the_final_state_of_a_running_task(idle_client, tmp_path):
     from conftest import Gate
     outcomes = []

@@ -157,10 +157,6 @@ def test_map_over_a_scattered_reference(client):
     assert res.result(timeout=30) == [i * i for i in range(10)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an item's exception that pickles but cannot be unpickled (custom __init__) makes the "
-    "whole batch's result undecodable on the client: worker._portable only checks "
-    "serialize.dumps, so the good items of the batch are lost too"))
 def test_map_item_error_that_cannot_be_unpickled_spoils_only_that_item(client):
     class TwoArgs(Exception):
         def __init__(self, a, b):

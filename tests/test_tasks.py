@@ -238,10 +238,6 @@ def test_unpicklable_exception_arrives_as_remote_error_naming_its_type(client):
     assert "raise UnpicklableError" in str(info.value.__cause__)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker.encode_exception/_portable only check that the exception pickles, not that it "
-    "unpickles; the client then reports RemoteError('UndecodableError', ...) instead of "
-    "the exception's type"))
 def test_exception_that_cannot_be_unpickled_arrives_as_remote_error_naming_its_type(client):
     def raises_two_args():
         raise TwoArgumentError("left", "right")

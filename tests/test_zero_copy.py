@@ -86,10 +86,6 @@ def test_map_over_large_arrays(client, no_segments_left):
     assert sums == [float(i * 2**18) for i in range(6)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker's result segment (serialize.dumps(..., hold=False) in worker._execute) is "
-    "unlinked only by client._decoder, i.e. when the value is first read; a result never "
-    "read keeps its /dev/shm segment until the worker exits"))
 def test_unread_large_result_leaves_no_segment_after_its_future_is_dropped(fresh_cluster):
     cluster, client = fresh_cluster, fresh_cluster.client()
     arr = np.ones(2**20)  # 8 MB argument: the result comes back through shared memory too
