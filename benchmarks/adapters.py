@@ -99,6 +99,8 @@ class Shoal(Adapter):
         self.shoal = shoal
         self.cluster = shoal.Cluster(n_workers=workers, timeout=self.timeout)
         self.client = self.cluster.client()
+        # on one host, clients and workers reach the broker over IPC when it offers it
+        self.transport = "ipc" if getattr(self.cluster.info, "ipc", None) else "tcp"
 
     def stop(self) -> None:
         self.cluster.close()
