@@ -30,7 +30,7 @@ from .liveness import Liveness
 from .records import (PARKED, QUEUED, RUNNING, CancelRequest, ClientRecord, StoredObject, Unit,
                       WorkerRecord)
 from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets, create_peer,
-                       default_home, new_key, read_connection_file, runtime_dir,
+                       default_home, new_key, read_connection_file, read_key_file, runtime_dir,
                        write_connection_file)
 from .serialize import host_id
 from .store import ResultStore
@@ -64,7 +64,7 @@ class Broker(Liveness):
 
     def __init__(self, listen: str = "tcp://127.0.0.1:0", key: Optional[bytes] = None,
                  connection_file: Optional[str] = None, parent_pid: Optional[int] = None,
-                 ipc: bool = True, home: Optional[Path] = None,
+                 ipc: bool = True, home: Optional[Path] = None, ipc_path: Optional[str] = None,
                  max_frames: int = MAX_FRAMES, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -98,7 +98,8 @@ class Broker(Liveness):
         self.address = _bind(self.sock, listen)
         self.ipc_address: Optional[str] = None
         if ipc and hasattr(zmq, "IPC_PATH_MAX_LEN"):
-            path = runtime_dir() / f"broker-{os.getpid()}-{self.address.rsplit(':', 1)[-1]}.sock"
+            path = ipc_path or (runtime_dir() /
+                                f"broker-{os.getpid()}-{self.address.rsplit(':', 1)[-1]}.sock")
             try:
                 self.sock.bind(f"ipc://{path}")
                 self.ipc_address = f"ipc://{path}"
@@ -717,6 +718,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--connection-file", help="where to write the connection file "
                         "(default: in the runtime directory)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--key-file", help=argparse.SUPPRESS)  # a local cluster's chosen key
+    parser.add_argument("--ipc-path", help=argparse.SUPPRESS)  # ... and IPC endpoint
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without encryption (dangerous)")
     parser.add_argument("--home", help="where a secure broker keeps its keys and allow-list "
@@ -750,8 +753,10 @@ def main(argv: Optional[list] = None) -> int:
             return 2
         home = Path(args.home).expanduser() if args.home else default_home()
     path = args.connection_file or str(runtime_dir() / f"broker-{os.getpid()}.json")
-    broker = Broker(listen, connection_file=path, parent_pid=args.parent_pid, home=home,
-                    max_frames=args.max_frames, max_message_bytes=args.max_message_size)
+    key = read_key_file(args.key_file) if args.key_file and home is None else None
+    broker = Broker(listen, key=key, connection_file=path, parent_pid=args.parent_pid, home=home,
+                    max_frames=args.max_frames, max_message_bytes=args.max_message_size,
+                    ipc_path=args.ipc_path)
     if home is not None:
         logger.info("Curve-secured; keys in %s. Allow a remote worker with: shoal keys create "
                     "NAME --address tcp://THIS_HOST:PORT", home)

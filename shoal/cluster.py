@@ -18,7 +18,8 @@ import weakref
 from typing import Optional
 
 from .client import Client
-from .security import read_connection_file, runtime_dir
+from .broker import is_loopback
+from .security import new_key, read_connection_file, runtime_dir, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ class Cluster:
         self.broker: Optional[subprocess.Popen] = None
         _live.add(self)
         try:
-            self._start_broker(listen)
+            self._key_file = self.log_dir / "cluster.key"
+            write_private(self._key_file, new_key().hex())
+            self._ipc_path = self.log_dir / "broker.sock"
+            self._start_broker(listen, n_workers)
             self._client = Client(self.connection_file, timeout=timeout)
             self.scale(n_workers)
             self._monitor = threading.Thread(target=self._watch, name="shoal-cluster-monitor",
@@ -89,21 +93,30 @@ class Cluster:
     def _log(self, name: str):
         return open(self.log_dir / f"{name}.log", "ab")
 
-    def _start_broker(self, listen: str) -> None:
+    def _start_broker(self, listen: str, n_workers: int) -> None:
         path = self.log_dir / "connection.json"
+        local = [] if not is_loopback(listen if "://" in listen else f"tcp://{listen}") else [
+            # Choose the key and IPC endpoint here, so the workers can start while
+            # the broker does (they retry the connection every 10 ms until it binds).
+            "--key-file", str(self._key_file), "--ipc-path", str(self._ipc_path)]
         with self._log("broker") as log:
             self.broker = subprocess.Popen(
                 _python_command("shoal.broker", "--listen", listen, "--connection-file", str(path),
                                 "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
-                                "--allowed-failures", str(self.allowed_failures)),
+                                "--allowed-failures", str(self.allowed_failures), *local),
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True)
+        if local:
+            self._worker_target = [f"ipc://{self._ipc_path}", "--key-file", str(self._key_file)]
+            self._workers.extend(self._start_worker() for _ in range(n_workers))
         line = _read_line(self.broker, self.timeout)
         if not line.startswith("SHOAL-BROKER "):
             raise ClusterError(f"the broker did not start (exit code {self.broker.poll()}); "
                                f"see {self.log_dir / 'broker.log'}")
         _, self.address, self.connection_file = line.split()
         self.info = read_connection_file(self.connection_file)
+        if not local:
+            self._worker_target = ["--connection-file", self.connection_file]
 
     def _start_worker(self) -> subprocess.Popen:
         self._worker_seq += 1
@@ -112,7 +125,7 @@ class Cluster:
                                                          str(self.max_result_size)]
         with self._log(name) as log:
             proc = subprocess.Popen(
-                _python_command("shoal.worker", "--connection-file", self.connection_file,
+                _python_command("shoal.worker", *self._worker_target,
                                 "--slots", str(self.slots), "--name", name,
                                 "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
                                 *extra),

@@ -65,6 +65,7 @@ class Control(threading.Thread):
         self.sock = worker.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.socket_id)
         self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         worker.apply_curve(self.sock)
         self.sock.connect(worker.address)
         self.session = protocol.Session()

@@ -191,7 +191,7 @@ def check_private(path: str | os.PathLike) -> None:
             f"refusing to use it. Run: chmod 600 {path}")
 
 
-def _write_private(path: Path, text: str) -> Path:
+def write_private(path: Path, text: str) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -234,7 +234,7 @@ def broker_secrets(home: Path) -> BrokerSecrets:
     os.chmod(home, 0o700)
     hmac_path = home / "hmac.key"
     if not hmac_path.exists():
-        _write_private(hmac_path, new_key().hex())
+        write_private(hmac_path, new_key().hex())
     check_private(hmac_path)
     cert = home / "broker.key_secret"
     if not cert.exists():
@@ -254,7 +254,7 @@ def create_peer(home: Path, name: str, address: str) -> Path:
         raise FileExistsError(f"a key named {name!r} exists; revoke it first or pick another name")
     secrets_ = broker_secrets(home)
     public, secret = zmq.curve_keypair()
-    _write_private(home / "allowed" / f"{name}.key", public.decode() + "\n")
+    write_private(home / "allowed" / f"{name}.key", public.decode() + "\n")
     info = ConnectionInfo(address, secrets_.key, curve={
         "server_key": secrets_.public.decode(), "public_key": public.decode(),
         "secret_key": secret.decode(), "name": name})

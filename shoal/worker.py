@@ -131,6 +131,8 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        # Retry soon: a local cluster starts workers while its broker is still binding.
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.curve = curve
         self.apply_curve(self.sock)
         self.sock.connect(address)
