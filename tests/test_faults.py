@@ -393,7 +393,7 @@ def test_worker_lost_blames_the_task_that_killed_the_worker_not_one_that_finishe
         assert client.gather(innocent, timeout=30) == [i * i for i in range(5)]
 
 
-@pytest.mark.xfail(strict=True, reason=POISON_BLAME + "; and shoal/cluster.py:139-146 (below)")
+@pytest.mark.xfail(strict=True, reason=POISON_BLAME + "; and shoal/cluster.py:152-159 (below)")
 @pytest.mark.timeout(60)
 def test_map_items_that_exit_or_segfault_fail_alone_with_worker_lost_and_the_rest_complete():
     with own_cluster() as cluster:
@@ -418,7 +418,7 @@ def test_map_items_that_exit_or_segfault_fail_alone_with_worker_lost_and_the_res
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "shoal/cluster.py:139-146 _watch counts every death within 2 s of a worker's start as a "
+    "shoal/cluster.py:152-159 _watch counts every death within 2 s of a worker's start as a "
     "start-up failure; deaths caused by poison tasks (replacements pick the requeued task up "
     "at once) reach the limit of 5 and the cluster stops replacing workers"))
 @pytest.mark.timeout(60)
@@ -493,7 +493,7 @@ def test_unpicklable_result_fails_with_a_clear_error_and_the_worker_serves_on(gc
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "shoal/worker.py:343-360 _execute pickles a map batch's (values, errors) as one; one "
+    "shoal/worker.py:345-362 _execute pickles a map batch's (values, errors) as one; one "
     "unpicklable value fails every item of the batch with SerializationError, their results "
     "are lost"))
 def test_unpicklable_result_of_one_map_item_fails_only_that_item_with_default_batching(gclient):
@@ -534,7 +534,7 @@ def test_result_over_the_maximum_size_fails_with_result_too_large_and_the_worker
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "shoal/worker.py:346-347 _execute compares the pickled size of a whole map batch with "
+    "shoal/worker.py:348-349 _execute compares the pickled size of a whole map batch with "
     "max_result_size, so items far under the maximum fail with ResultTooLarge together"))
 def test_map_items_each_under_the_maximum_size_are_not_refused_as_a_batch(gclient):
     res = gclient.map(blob, [1000] * 200, batch_size=100)
@@ -854,7 +854,7 @@ def test_map_that_failed_with_broker_lost_sends_no_more_of_its_input(restartable
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "shoal/broker.py:101 names the IPC endpoint broker-{pid}-{port}.sock and the connection file "
+    "shoal/broker.py:102 names the IPC endpoint broker-{pid}-{port}.sock and the connection file "
     "points local peers at it (security.py:local_address); a broker restarted on the same "
     "address has another pid, so workers and clients that read the file keep dialling the "
     "dead socket and never rejoin"))
@@ -911,7 +911,7 @@ def test_workers_rejoin_a_shoal_broker_command_restarted_on_the_same_address(tmp
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "shoal/broker.py:122 numbers units from 1 in every broker run and _on_results (broker.py:547) "
+    "shoal/broker.py:123 numbers units from 1 in every broker run and _on_results (broker.py:548) "
     "matches results by that number alone: a worker that ran unit N for the previous broker "
     "delivers its result to the restarted broker's unit N, a different task"))
 @pytest.mark.timeout(60)
