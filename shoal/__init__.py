@@ -25,7 +25,8 @@ _EXPORTS = {
     "RemoteTraceback": "futures",
     "BrokerError": "errors", "BrokerUnreachable": "errors", "ClientClosed": "errors",
     "NoWorkersError": "errors", "RemoteError": "errors", "SerializationError": "errors",
-    "ShoalError": "errors",
+    "ShoalError": "errors", "WorkerLost": "errors", "TaskTimeout": "errors",
+    "BrokerLost": "errors", "ResultTooLarge": "errors",
     "PROTOCOL_VERSION": "protocol",
     "to_frame": "frames",
 }
@@ -63,8 +64,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .mapping import MapResult  # noqa: F401
     from .refs import Ref  # noqa: F401
     from .cluster import Cluster, ClusterError  # noqa: F401
-    from .errors import (BrokerError, BrokerUnreachable, ClientClosed,  # noqa: F401
-                         NoWorkersError, RemoteError, SerializationError, ShoalError)
+    from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed,  # noqa: F401
+                         NoWorkersError, RemoteError, ResultTooLarge, SerializationError,
+                         ShoalError, TaskTimeout, WorkerLost)
     from .futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION,  # noqa: F401
                           Future, RemoteTraceback, as_completed, wait)
     from .protocol import PROTOCOL_VERSION  # noqa: F401

@@ -98,8 +98,11 @@ class Broker(Liveness):
         self.address = _bind(self.sock, listen)
         self.ipc_address: Optional[str] = None
         if ipc and hasattr(zmq, "IPC_PATH_MAX_LEN"):
-            path = ipc_path or (runtime_dir() /
-                                f"broker-{os.getpid()}-{self.address.rsplit(':', 1)[-1]}.sock")
+            # Named by port, not process: peers of a broker restarted on the same
+            # address find it again.  A stale socket file of a dead broker goes.
+            path = ipc_path or (runtime_dir() / f"broker-{self.address.rsplit(':', 1)[-1]}.sock")
+            if os.path.exists(path):
+                os.unlink(path)
             try:
                 self.sock.bind(f"ipc://{path}")
                 self.ipc_address = f"ipc://{path}"
@@ -120,7 +123,9 @@ class Broker(Liveness):
         self.parked: dict[bytes, list] = {}  # missing object digest -> units waiting for it
         self.cancels: dict[int, CancelRequest] = {}  # awaiting workers' answers
         self.results = ResultStore()  # finished parts of keyed maps
-        self._ids = itertools.count(1)
+        # Task ids start at a random offset in each run, so a result of an
+        # earlier run's task can never be taken for one of this run's.
+        self._ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 16)
         # Identifies this run of the broker: a client that sees it change knows
         # the broker restarted and what it had in flight is gone.
         self.session = os.urandom(8).hex()
@@ -511,7 +516,8 @@ class Broker(Liveness):
         header = msg.header
         if "wid" not in header:  # a client's: answer, so it knows this broker is alive
             self._client(ident)
-            self._send(ident, Kind.HEARTBEAT, {"session": self.session})
+            self._send(ident, Kind.HEARTBEAT, {"session": self.session,
+                                               "workers": len(self.workers)})
             return
         worker = self._worker_of(ident, header)
         if worker is not None:
@@ -560,7 +566,7 @@ class Broker(Liveness):
                 worker.done += 1
                 t = meta.get("t")
                 if t is not None:
-                    worker.observe(t / max(1, meta.get("n", 1)) if meta.get("n") else t)
+                    worker.observe(t)  # per unit: prefetch counts units, batches included
             self.counts[_COUNTED.get(status, "failed")] += 1
             meta["w"] = worker.name if worker is not None else "a worker no longer registered"
             self._keep_result(unit, status, frames[start:start + n], meta,
@@ -652,6 +658,12 @@ class Broker(Liveness):
             if target is not None and target != worker.name:
                 skipped.append(unit)  # addressed to another worker
                 continue
+            if unit.suspect:
+                if taken or worker.running:
+                    skipped.append(unit)  # a suspect runs alone on an idle worker
+                    continue
+                taken.append(unit)
+                break
             taken.append(unit)
         if skipped:
             queue.extendleft(reversed(skipped))
@@ -718,7 +730,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--connection-file", help="where to write the connection file "
                         "(default: in the runtime directory)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--key-file", help=argparse.SUPPRESS)  # a local cluster's chosen key
+    parser.add_argument("--key-file", help="sign with the key in this file (hex, or a connection "
+                        "file); by default a restart on the same address reuses the key in "
+                        "--connection-file, so workers rejoin")
     parser.add_argument("--ipc-path", help=argparse.SUPPRESS)  # ... and IPC endpoint
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without encryption (dangerous)")
@@ -753,7 +767,18 @@ def main(argv: Optional[list] = None) -> int:
             return 2
         home = Path(args.home).expanduser() if args.home else default_home()
     path = args.connection_file or str(runtime_dir() / f"broker-{os.getpid()}.json")
-    key = read_key_file(args.key_file) if args.key_file and home is None else None
+    key = None
+    if home is None:
+        if args.key_file:
+            key = read_key_file(args.key_file)
+        elif args.connection_file and os.path.exists(args.connection_file):
+            try:
+                previous = read_connection_file(args.connection_file)
+            except (OSError, ValueError) as exc:
+                print(f"shoal broker: {exc}", file=sys.stderr)
+                return 2
+            if previous.address == listen:
+                key = previous.key  # a restart on the same address keeps its key
     broker = Broker(listen, key=key, connection_file=path, parent_pid=args.parent_pid, home=home,
                     max_frames=args.max_frames, max_message_bytes=args.max_message_size,
                     ipc_path=args.ipc_path)

@@ -112,6 +112,9 @@ def format_status(state: dict) -> str:
         f"units     {state.get('queued', 0)} queued   {state.get('running', 0)} running   "
         f"{counts.get('done', 0)} done   {counts.get('failed', 0)} failed   "
         f"{counts.get('cancelled', 0)} cancelled   (a unit is one submit or one map batch)",
+        f"faults    {counts.get('duplicates', 0)} duplicate results dropped   "
+        f"{counts.get('workers_lost', 0)} workers lost   {counts.get('dropped', 0)} bad messages "
+        "dropped",
     ]
     if workers:
         header = ("NAME", "HOST", "PID", "SLOTS", "RUNNING", "DONE", "MEAN TASK ms")

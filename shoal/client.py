@@ -562,6 +562,8 @@ class Client:
                     waiter.set_result((msg.header, msg.frames))
             elif kind == Kind.HEARTBEAT:
                 self._check_session(msg.header.get("session"))
+                if "workers" in msg.header:
+                    self.workers = msg.header["workers"]  # notice the last worker leaving
             elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
                 self._check_session(msg.header.get("session"))
                 self._learn(msg.header)

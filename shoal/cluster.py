@@ -130,7 +130,6 @@ class Cluster:
                                 "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
                                 *extra),
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-        proc.started_at = time.monotonic()  # type: ignore[attr-defined]
         self._names[proc.pid] = name
         return proc
 
@@ -150,8 +149,9 @@ class Cluster:
                     if not self.restart:
                         logger.warning("local worker %s %s", name, why)
                         continue
-                    # A worker that dies right after starting would die again: back off.
-                    quick = time.monotonic() - proc.started_at < 2.0  # type: ignore[attr-defined]
+                    # A worker that dies before it ever registered would die again:
+                    # back off. (One killed by a task it ran has registered.)
+                    quick = not self._registered(name)
                     quick_deaths = quick_deaths + 1 if quick else 0
                     if quick_deaths > 5:
                         logger.error("local worker %s %s right after starting, five times in a "
@@ -161,6 +161,16 @@ class Cluster:
                     self._workers.append(replacement)
                     logger.warning("local worker %s %s; started %s in its place", name, why,
                                    self._names[replacement.pid])
+
+    def _registered(self, name: str) -> bool:
+        """Whether the worker ``name`` got as far as registering (its log says so)."""
+        if self.log_level.upper() not in ("DEBUG", "INFO"):
+            return True  # the line is not logged: never back off
+        try:
+            with open(self.log_dir / f"{name}.log", "rb") as fh:
+                return b"registered with the broker" in fh.read()
+        except OSError:
+            return False
 
     def scale(self, n: int) -> None:
         """Grow or shrink to ``n`` local workers; returns once the broker sees them."""

@@ -120,6 +120,7 @@ class Control(threading.Thread):
             elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
                 # The broker restarted and does not know this worker: register again.
                 logger.info("the broker does not know this worker (it restarted?): registering")
+                self.worker.waiting.clear()  # units of the old run: their clients were told
                 self._send(Kind.WORKER_HELLO, self.worker.hello_fields())
 
     def _on_cancel(self, header: dict) -> None:

@@ -69,21 +69,23 @@ class Liveness:
         for rid, request in list(self.cancels.items()):
             if worker.ident in request.workers:
                 self._cancel_answered(rid, worker.ident)
-        units = sorted(worker.running.values(), key=lambda u: u.bid)
+        units = sorted((u for u in worker.running.values() if u.bid in self.tasks),
+                       key=lambda u: u.bid)
         worker.running.clear()
-        running = set(worker.reported) & {u.bid for u in units}
-        if reason and not running:
-            # Died between heartbeats: the oldest units were the ones running.
-            running = {u.bid for u in units[:worker.slots]}
+        # Charge the death only where the culprit is certain: a worker holding
+        # one unit.  Holding several (prefetched, or results not yet flushed),
+        # none is charged; each becomes a suspect that runs alone next time, so
+        # a second death is attributed exactly.
+        charged = units if reason and len(units) == 1 else []
         poisoned = []
         for unit in reversed(units):
-            if unit.bid not in self.tasks:
-                continue
-            if reason and unit.bid in running:
+            if unit in charged:
                 unit.failures.append([worker.name, reason])
                 if len(unit.failures) >= self.allowed_failures:
                     poisoned.append(unit)
                     continue
+            elif reason:
+                unit.suspect = True
             unit.state, unit.worker = QUEUED, None
             self.queue.appendleft(unit)
         if poisoned:

@@ -8,6 +8,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from . import serialize
+from .errors import BrokerLost
 from .futures import Future, attach_traceback
 from .protocol import Kind
 from .refs import collect_refs
@@ -233,6 +234,8 @@ class MapResult:
                 pass
             elif batch.exception() is not None:
                 self.failed_count += batch.count
+                if isinstance(batch.exception(), BrokerLost):
+                    self._cancelled = True  # the broker is gone: feed it nothing more
             else:
                 self.failed_count += batch.failed
                 self.done_count += batch.count - batch.failed

@@ -343,24 +343,15 @@ class Worker:
             elapsed = time.perf_counter() - start
             del args
             try:
-                out_frames, shm_meta = serialize.dumps(value, shm=reply_shm, hold=False)
+                out_frames, shm_meta = self._encode_result(fn, value, reply_shm)
                 status = "ok"
-                size = serialize.nbytes(out_frames) + sum(p[3] for p in shm_meta.get("sb", ()))
-                if size > self.max_result_size:
-                    for name in serialize.segment_names(shm_meta):
-                        serialize.segments.unlink(name)
-                    raise ResultTooLarge(
-                        f"the result of {serialize.fn_name(fn)!r} is {size:,} bytes, over this "
-                        f"worker's maximum of {self.max_result_size:,}; return a smaller value "
-                        "(or write it to shared storage and return its path), or start workers "
-                        "with a larger --max-result-size")
-            except ResultTooLarge as err:
-                out_frames, shm_meta, status = encode_exception(err), {}, "err"
             except Exception as exc:
-                err = serialize.SerializationError(
-                    f"the result of {serialize.fn_name(fn)!r}, of type "
-                    f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}")
-                out_frames, shm_meta, status = encode_exception(err), {}, "err"
+                if kind:  # fall back to failing only the items at fault
+                    out_frames, shm_meta = self._encode_result(
+                        fn, self._portable_batch(fn, value), reply_shm, check_size=False)
+                    status = "ok"
+                else:
+                    out_frames, shm_meta, status = encode_exception(exc), {}, "err"
         except CancelInterrupt:
             out_frames, shm_meta, status = [], {}, "cancelled"
         except TimeoutInterrupt:
@@ -390,6 +381,51 @@ class Worker:
         if err:
             reply["e"] = err
         return bid, status, out_frames, reply
+
+    def _encode_result(self, fn, value, shm: bool, check_size: bool = True) -> tuple:
+        """``(frames, meta)`` of a result; raises SerializationError or ResultTooLarge.
+
+        A map batch's limit is per item (see _portable_batch), not on its total.
+        """
+        try:
+            out_frames, shm_meta = serialize.dumps(value, shm=shm, hold=False)
+        except Exception as exc:
+            raise serialize.SerializationError(
+                f"the result of {serialize.fn_name(fn)!r}, of type "
+                f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}"
+            ) from exc
+        size = serialize.nbytes(out_frames) + sum(p[3] for p in shm_meta.get("sb", ()))
+        if check_size and size > self.max_result_size:
+            for name in serialize.segment_names(shm_meta):
+                serialize.segments.unlink(name)
+            raise ResultTooLarge(
+                f"the result of {serialize.fn_name(fn)!r} is {size:,} bytes, over this "
+                f"worker's maximum of {self.max_result_size:,}; return a smaller value "
+                "(or write it to shared storage and return its path), or start workers "
+                "with a larger --max-result-size")
+        return out_frames, shm_meta
+
+    def _portable_batch(self, fn, outcome: tuple) -> tuple:
+        """A batch's ``(values, errors)`` where a value that will not pickle, or is
+        over the size limit, has become that item's error."""
+        values, errors = outcome
+        for i, value in enumerate(values):
+            if i in errors:
+                continue
+            try:
+                item_size = serialize.nbytes(serialize.dumps(value)[0])
+            except Exception as exc:
+                values[i] = None
+                errors[i] = _portable(serialize.SerializationError(
+                    f"the result of {serialize.fn_name(fn)!r} for item {i}, of type "
+                    f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}"))
+                continue
+            if item_size > self.max_result_size:
+                values[i] = None
+                errors[i] = _portable(ResultTooLarge(
+                    f"the result of {serialize.fn_name(fn)!r} for item {i} is {item_size:,} bytes, "
+                    f"over this worker's maximum of {self.max_result_size:,}"))
+        return values, errors
 
     def _run_batch(self, bid: int, fn, items: list, star: bool, meta: dict) -> tuple:
         """Run ``fn`` over a batch: ``(values, {index: (exception, traceback)})``.

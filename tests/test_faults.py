@@ -381,7 +381,6 @@ POISON_BLAME = (
     "charged (and fails with WorkerLost) while the poison task goes on killing workers")
 
 
-@pytest.mark.xfail(strict=True, reason=POISON_BLAME)
 @pytest.mark.timeout(60)
 def test_worker_lost_blames_the_task_that_killed_the_worker_not_one_that_finished_before_it():
     with own_cluster(n_workers=1, allowed_failures=1) as cluster:
@@ -393,7 +392,10 @@ def test_worker_lost_blames_the_task_that_killed_the_worker_not_one_that_finishe
         assert client.gather(innocent, timeout=30) == [i * i for i in range(5)]
 
 
-@pytest.mark.xfail(strict=True, reason=POISON_BLAME + "; and shoal/cluster.py:152-159 (below)")
+@pytest.mark.xfail(strict=True, reason=(
+    "a map batch is one unit to the broker (shoal/liveness.py _requeue/_deliver_lost): an item "
+    "that kills its worker fails every item of its batch with WorkerLost; the client should "
+    "resubmit a lost batch's items one by one (shoal/mapping.py keeps no in-flight inputs)"))
 @pytest.mark.timeout(60)
 def test_map_items_that_exit_or_segfault_fail_alone_with_worker_lost_and_the_rest_complete():
     with own_cluster() as cluster:
@@ -417,10 +419,6 @@ def test_map_items_that_exit_or_segfault_fail_alone_with_worker_lost_and_the_res
               delta(client, before, "duplicates"), workers_lost=6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/cluster.py:152-159 _watch counts every death within 2 s of a worker's start as a "
-    "start-up failure; deaths caused by poison tasks (replacements pick the requeued task up "
-    "at once) reach the limit of 5 and the cluster stops replacing workers"))
 @pytest.mark.timeout(60)
 def test_local_cluster_replaces_every_worker_that_poison_tasks_killed():
     with own_cluster() as cluster:
@@ -432,9 +430,9 @@ def test_local_cluster_replaces_every_worker_that_poison_tasks_killed():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "a map batch is one unit to the broker (shoal/liveness.py:_requeue/_deliver_lost): an item "
-    "that kills its worker fails every item of its batch with WorkerLost; mapping.py never "
-    "splits a lost batch"))
+    "a map batch is one unit to the broker (shoal/liveness.py _requeue/_deliver_lost): an item "
+    "that kills its worker fails every item of its batch with WorkerLost; the client should "
+    "resubmit a lost batch's items one by one (shoal/mapping.py keeps no in-flight inputs)"))
 @pytest.mark.timeout(60)
 def test_map_item_that_kills_its_worker_fails_alone_with_default_batching():
     with own_cluster() as cluster:
@@ -492,10 +490,6 @@ def test_unpicklable_result_fails_with_a_clear_error_and_the_worker_serves_on(gc
           delta(gclient, before, "duplicates"), clear_errors=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/worker.py:345-362 _execute pickles a map batch's (values, errors) as one; one "
-    "unpicklable value fails every item of the batch with SerializationError, their results "
-    "are lost"))
 def test_unpicklable_result_of_one_map_item_fails_only_that_item_with_default_batching(gclient):
     res = gclient.map(lock_at, range(20), batch_size=10)
     futures = res.futures
@@ -533,9 +527,6 @@ def test_result_over_the_maximum_size_fails_with_result_too_large_and_the_worker
           delta(gclient, before, "duplicates"), clear_errors=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/worker.py:348-349 _execute compares the pickled size of a whole map batch with "
-    "max_result_size, so items far under the maximum fail with ResultTooLarge together"))
 def test_map_items_each_under_the_maximum_size_are_not_refused_as_a_batch(gclient):
     res = gclient.map(blob, [1000] * 200, batch_size=100)
     assert res.result(timeout=30) == [b"x" * 1000] * 200
@@ -830,10 +821,6 @@ def test_in_flight_futures_fail_with_broker_lost_when_the_broker_dies_and_stays_
           outcome="BrokerLost after broker_timeout=3 s")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/mapping.py:144 _feed_until goes on after BrokerLost failed the map's batches "
-    "(_batch_done only lowers _in_flight): the rest of the input is sent to the restarted "
-    "broker and runs, unseen, while the user was told to submit it again"))
 @pytest.mark.timeout(60)
 def test_map_that_failed_with_broker_lost_sends_no_more_of_its_input(restartable, tmp_path):
     run_dir = tmp_path / "runs"
@@ -853,11 +840,6 @@ def test_map_that_failed_with_broker_lost_sends_no_more_of_its_input(restartable
         assert sum(b.count for b in res.batches) < 400
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/broker.py:102 names the IPC endpoint broker-{pid}-{port}.sock and the connection file "
-    "points local peers at it (security.py:local_address); a broker restarted on the same "
-    "address has another pid, so workers and clients that read the file keep dialling the "
-    "dead socket and never rejoin"))
 @pytest.mark.timeout(60)
 def test_workers_started_from_the_connection_file_rejoin_a_broker_restarted_on_the_same_address(
         restartable):
@@ -871,11 +853,6 @@ def test_workers_started_from_the_connection_file_rejoin_a_broker_restarted_on_t
         wait_until(lambda: registered(client, 2), 6, message="the workers to register again")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/broker.py:main makes a new signing key at every start (Broker(key=None) -> new_key()) "
-    "unless Curve-secured, so workers that joined with the old key are dropped as forgeries by "
-    "a `shoal broker` restarted on the same address; it could reuse the key of the connection "
-    "file it is told to write when that file names the same address"))
 @pytest.mark.timeout(60)
 def test_workers_rejoin_a_shoal_broker_command_restarted_on_the_same_address(tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -910,10 +887,6 @@ def test_workers_rejoin_a_shoal_broker_command_restarted_on_the_same_address(tmp
         reap(broker)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/broker.py:123 numbers units from 1 in every broker run and _on_results (broker.py:548) "
-    "matches results by that number alone: a worker that ran unit N for the previous broker "
-    "delivers its result to the restarted broker's unit N, a different task"))
 @pytest.mark.timeout(60)
 def test_a_result_from_before_a_broker_restart_never_resolves_a_new_task(restartable, tmp_path):
     gate = Gate(tmp_path / "gate")
@@ -1074,9 +1047,8 @@ def test_generator_map_of_200000_items_keeps_broker_worker_and_client_memory_bou
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "shoal/mapping.py:108 _next_size sizes map batches by measured time only (50 ms of work, up "
-    "to 100,000 items) and the window counts batches, not bytes: with 50 KB results a batch is "
-    "~3,000 items, 150 MB, which the worker, the broker and the client each hold whole"))
+    "shoal/mapping.py _next_size sizes map batches by measured time only and the window counts "
+    "batches, not bytes: large results make client, broker and worker memory grow with them"))
 @pytest.mark.timeout(120)
 def test_generator_map_of_50_kb_results_keeps_broker_memory_bounded():
     bench = memory_benchmark()
@@ -1086,18 +1058,11 @@ def test_generator_map_of_50_kb_results_keeps_broker_memory_bounded():
 
 
 # ================================================================= the errors, where users look
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/__init__.py:19-31 _EXPORTS lacks WorkerLost, TaskTimeout, BrokerLost and "
-    "ResultTooLarge, which the issue and the error messages name as shoal.X"))
 def test_reliability_errors_are_exported_from_the_shoal_package():
     for name in ("WorkerLost", "TaskTimeout", "BrokerLost", "ResultTooLarge"):
         assert getattr(shoal, name) is getattr(shoal.errors, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/client.py:629 _check_workers only asks the broker how many workers there are while its "
-    "cached count (set by WELCOME/STATUS replies) is 0; once it saw a worker, the death of the "
-    "last one leaves tasks waiting forever instead of failing with NoWorkersError"))
 @pytest.mark.timeout(60)
 def test_task_waiting_when_the_last_worker_dies_fails_with_no_workers_error():
     with own_cluster(n_workers=1, restart=False) as cluster:
@@ -1110,9 +1075,6 @@ def test_task_waiting_when_the_last_worker_dies_fails_with_no_workers_error():
             f.result(timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shoal/cli.py:format_status prints units queued/running/done/failed/cancelled but not the "
-    "broker's duplicates and workers_lost counts, which the issue wants in `shoal status`"))
 def test_shoal_status_shows_duplicates_and_lost_workers():
     from shoal.cli import format_status
     text = format_status({"address": "tcp://127.0.0.1:1", "uptime": 1.0, "workers": 0,
