@@ -110,7 +110,7 @@ def ensure_venv(reinstall: bool) -> Path:
 def unavailable_reason(python: Path, tool: str) -> Optional[str]:
     """Why ``tool`` cannot run with ``python``, or None when it can."""
     failures = {}
-    if INSTALL_REPORT.exists() and python.resolve().is_relative_to(VENV.resolve()):
+    if INSTALL_REPORT.exists() and Path(sys.prefix).resolve() == VENV.resolve():
         failures = json.loads(INSTALL_REPORT.read_text())
     for requirement, why in failures.items():
         if tool in PACKAGES and requirement.startswith(PACKAGES[tool]):
@@ -143,6 +143,38 @@ def tagged_pids(tag: str) -> list:
     return found
 
 
+def _start_time(pid: int) -> Optional[str]:
+    """The kernel's start time of ``pid`` (to tell it from a later process with the same pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(root: int) -> dict:
+    """{pid: start time} of every live descendant of ``root`` (Linux /proc)."""
+    children: dict = {}
+    if not os.path.isdir("/proc"):
+        return {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry), fields[19]))
+    found, todo = {}, [root]
+    while todo:
+        for pid, started in children.get(todo.pop(), ()):
+            if pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+
+
 def _describe(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -153,16 +185,25 @@ def _describe(pid: int) -> str:
         return str(pid)
 
 
-def sweep(tag: str, what: str, grace: float = 3.0) -> list:
-    """Stop every process still carrying ``tag`` once ``grace`` s have passed: TERM, then KILL.
+def sweep(tag: str, what: str, seen: Optional[dict] = None, grace: float = 3.0) -> list:
+    """Stop what a part left running once ``grace`` s have passed: TERM, then KILL.
 
-    Returns what each one was: a tool's clean-up that leaves processes behind shows here.
+    That is every process still carrying ``tag`` in its environment, and every
+    process of ``seen`` ({pid: start time}, the descendants watched while the part
+    ran) still alive: a process that rewrites its title (Ray's do) loses its
+    environment from /proc.  Returns what each one was: a tool's clean-up that
+    leaves processes behind shows here.
     """
+    seen = seen or {}
+
+    def remaining() -> list:
+        alive = [pid for pid, started in seen.items() if _start_time(pid) == started]
+        return sorted(set(tagged_pids(tag)) | set(alive))
     deadline = time.monotonic() + grace
-    pids = tagged_pids(tag)
+    pids = remaining()
     while pids and time.monotonic() < deadline:
         time.sleep(0.1)  # children exiting on their own after their parent: give them a moment
-        pids = tagged_pids(tag)
+        pids = remaining()
     names = [_describe(pid) for pid in pids]
     for pid in pids:
         try:
@@ -172,7 +213,7 @@ def sweep(tag: str, what: str, grace: float = 3.0) -> list:
     deadline = time.monotonic() + 5
     while pids and time.monotonic() < deadline:
         time.sleep(0.1)
-        pids = tagged_pids(tag)
+        pids = remaining()
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -300,14 +341,23 @@ class Runner:
                                     stdin=subprocess.DEVNULL, env=self._env(tag),
                                     cwd=str(REPO_DIR), start_new_session=True)
             timed_out = False
+            seen: dict = {}  # every descendant met while it runs, for the sweep
+            deadline = time.monotonic() + timeout
             try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                while True:
+                    try:
+                        proc.wait(1.0)
+                        break
+                    except subprocess.TimeoutExpired:
+                        seen.update(descendants(proc.pid))
+                        if time.monotonic() > deadline:
+                            timed_out = True
+                            break
             finally:  # also on Ctrl-C: nothing of this part outlives it
                 if proc.poll() is None:
+                    seen.update(descendants(proc.pid))
                     stop_group(proc)
-                leftovers = sweep(tag, name)
+                leftovers = sweep(tag, name, seen)
         figures: dict = {}
         if out.exists():
             figures = json.loads(out.read_text())
@@ -370,8 +420,7 @@ def best_floor(runs: list) -> dict:
 
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "hostname_hash": hashlib.sha1(
-                platform.node().encode()).hexdigest()[:8]}
+            "cpus": os.cpu_count()}
     try:
         with open("/proc/cpuinfo") as fh:
             names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
@@ -451,7 +500,9 @@ def main(argv: Optional[list] = None) -> int:
         os.environ["BENCH_IN_VENV"] = "1"
         os.execv(str(python), [str(python), str(Path(__file__).resolve())] + list(argv))
     python = Path(sys.executable)
-    # A SIGTERM unwinds like Ctrl-C: every part's processes and Redis are stopped.
+    # Ctrl-C and SIGTERM unwind the same way: every part's processes and Redis are stopped.
+    # (SIGINT explicitly too: a shell starting us in the background may have ignored it.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
     command = "python benchmarks/compare.py" + "".join(f" {shlex.quote(a)}" for a in argv)

@@ -11,13 +11,13 @@ from typing import Optional
 
 #: (key, part, label, format, better): the rows of the table, in order
 ROWS = [
-    ("startup_s", "main", "cluster start to first result", "{:.2f} s", "low"),
+    ("startup_s", "main", "cluster start to first result", "{:.3g} s", "low"),
     ("latency_median_us", "main", "round trip, median", "{:,.0f} us", "low"),
     ("latency_p99_us", "main", "round trip, p99", "{:,.0f} us", "low"),
     ("submit_per_s", "main", "{submit_n:,} submits, then wait", "{:,.0f} /s", "high"),
     ("map_per_s", "main", "map, {map_n:,} trivial items", "{:,.0f} /s", "high"),
     ("spin_efficiency", "main", "map, {spin_n:,} x 5 ms: efficiency", "{:.0%}", "high"),
-    ("array_median_s", "main", "100 MB array round trip, median", "{:.3f} s", "low"),
+    ("array_median_s", "main", "100 MB array round trip, median", "{:.3g} s", "low"),
     ("stream_per_s", "stream", "generator map, {stream_n:,} items", "{:,.0f} /s", "high"),
     ("stream_client_peak_mb", "stream", "  peak RSS, client", "{:,.0f} MB", "low"),
     ("stream_broker_peak_mb", "stream", "  peak RSS, broker/scheduler", "{:,.0f} MB", "low"),
