@@ -744,6 +744,8 @@ def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable
     elif status == "cancelled":
         cf_cancel(target)
     elif status == "lost":
+        if isinstance(target, _Batch) and target.map.split(target):
+            return  # its items rerun one by one; only one that kills again fails
         target.set_exception(WorkerLost(target.key, meta.get("lost", [])))
     else:
         target.set_exception(decode_exception(frames, meta.get("w", "")))

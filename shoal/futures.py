@@ -185,7 +185,8 @@ class Future(cf.Future):
 
 def attach_traceback(exc: BaseException, tb_text: str, worker: str) -> BaseException:
     """Set ``exc.__cause__`` to the remote traceback, so Python prints it; return ``exc``."""
-    exc.__cause__ = RemoteTraceback(tb_text, worker)
+    if tb_text:  # a lost worker, for one, leaves no traceback to show
+        exc.__cause__ = RemoteTraceback(tb_text, worker)
     return exc
 
 

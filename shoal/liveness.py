@@ -74,18 +74,19 @@ class Liveness:
         worker.running.clear()
         # Charge the death only where the culprit is certain: a worker holding
         # one unit.  Holding several (prefetched, or results not yet flushed),
-        # none is charged; each becomes a suspect that runs alone next time, so
-        # a second death is attributed exactly.
+        # none is charged.  Either way each becomes a suspect that runs alone
+        # from then on, so every later death is attributed exactly.  Blame stays exact (no
+        # innocent task fails) at the cost of at most one uncharged death.
         charged = units if reason and len(units) == 1 else []
         poisoned = []
         for unit in reversed(units):
+            if reason:
+                unit.suspect = True
             if unit in charged:
                 unit.failures.append([worker.name, reason])
                 if len(unit.failures) >= self.allowed_failures:
                     poisoned.append(unit)
                     continue
-            elif reason:
-                unit.suspect = True
             unit.state, unit.worker = QUEUED, None
             self.queue.appendleft(unit)
         if poisoned:

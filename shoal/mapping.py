@@ -4,12 +4,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from . import serialize
 from .errors import BrokerLost
-from .futures import Future, attach_traceback
+from .futures import Encoded, Future, attach_traceback
 from .protocol import Kind
 from .refs import collect_refs
 
@@ -38,6 +39,7 @@ class _Batch(Future):
         self.items = items
         #: items of this batch that raised (their errors travel in the result)
         self.failed = 0
+        self._inputs: Optional[list] = None
 
     def _release(self) -> None:
         """Drop the values once a streaming iteration has passed them."""
@@ -186,11 +188,24 @@ class MapResult:
         return sorted(parts, key=lambda p: p[0])
 
     def _send_batch(self, items: list) -> None:
-        client = self.client
         start = self._submitted
+        frames, meta, refs = self._encode(items, start)
+        batch = _Batch(next(self.client._tids), self.client, self, start, len(items),
+                       items if self.keep_inputs else None)
+        batch._inputs = items  # until it finishes: a lost batch is rerun item by item
+        batch.add_done_callback(self._batch_done)
+        with self._cond:
+            self._batches.append(batch)
+            self._submitted += len(items)
+            self._in_flight += 1
+            self._cond.notify_all()
+        self._submit(batch, frames, meta, refs)
+
+    def _encode(self, items: list, start: int) -> tuple:
+        """``(frames, meta, refs)`` of a unit running ``items`` (input ``start`` onwards)."""
         # A keyed map's results are kept by the broker, so they travel as frames,
         # never as shared memory that a departed client would have unlinked.
-        shm = client._shm_ok and self.key is None
+        shm = self.client._shm_ok and self.key is None
         try:
             (frames, meta), refs = collect_refs(lambda: serialize.dumps(items, shm=shm))
         except Exception as exc:
@@ -206,19 +221,47 @@ class MapResult:
         meta.update(self._options)
         if self.key is not None:
             meta["k"], meta["ks"] = self.key, start
-        tid = next(client._tids)
+        return frames, meta, refs
+
+    def _submit(self, batch: "_Batch", frames: list, meta: dict, refs: list) -> None:
+        client = self.client
         if "sb" in meta:
             meta["h"] = client._host
-            client._segments[tid] = serialize.segment_names(meta)
-        batch = _Batch(tid, client, self, start, len(items), items if self.keep_inputs else None)
-        batch.add_done_callback(self._batch_done)
-        with self._cond:
-            self._batches.append(batch)
-            self._submitted += len(items)
-            self._in_flight += 1
-            self._cond.notify_all()
-        client._pending[tid] = batch
-        client._post((Kind.SUBMIT, tid, self._fn_digest, self._fn_payload, refs, frames, meta))
+            client._segments[batch.key] = serialize.segment_names(meta)
+        client._pending[batch.key] = batch
+        client._post((Kind.SUBMIT, batch.key, self._fn_digest, self._fn_payload, refs, frames, meta))
+
+    def split(self, batch: "_Batch") -> bool:
+        """Rerun a batch whose worker died, one item per unit; False if it cannot be.
+
+        One item that kills its worker would otherwise fail every item of its
+        batch; run alone, only that item fails (with WorkerLost), and the
+        batch resolves once all its items have.
+        """
+        items = batch._inputs
+        if items is None or batch.count <= 1:
+            return False
+        subs: list = [None] * len(items)
+        waiting = [len(items)]
+        lock = threading.Lock()
+
+        def finished(i: int, sub: "_Batch") -> None:
+            with lock:
+                subs[i] = sub
+                waiting[0] -= 1
+                if waiting[0]:
+                    return
+            values, errors = _combine(subs)
+            batch.failed = len(errors)
+            if not batch.done():
+                batch.set_result(Encoded(lambda: (values, errors)))
+
+        for i, item in enumerate(items):
+            frames, meta, refs = self._encode([item], batch.start + i)
+            sub = _Batch(next(self.client._tids), self.client, self, batch.start + i, 1, None)
+            sub.add_done_callback(lambda done, i=i: finished(i, done))
+            self._submit(sub, frames, meta, refs)
+        return True
 
     def observe(self, meta: dict) -> None:
         """Learn per-item time from a finished batch (IO thread)."""
@@ -228,6 +271,7 @@ class MapResult:
             self._per_item = per if self._per_item is None else 0.5 * self._per_item + 0.5 * per
 
     def _batch_done(self, batch: _Batch) -> None:
+        batch._inputs = None
         with self._cond:
             self._in_flight -= 1
             if batch.cancelled():
@@ -384,6 +428,25 @@ class MapResult:
         total = "?" if self.total is None else self.total
         return (f"<shoal.MapResult {serialize.fn_name(self.fn)} {self.done_count}/{total} done"
                 f"{f', {self.failed_count} failed' if self.failed_count else ''}>")
+
+
+def _combine(subs: list) -> tuple:
+    """One batch's ``(values, errors)`` from the one-item units it was split into."""
+    values: list = []
+    errors: dict = {}
+    for i, sub in enumerate(subs):
+        if sub.cancelled():
+            values.append(None)
+            errors[i] = (CancelledError(f"item {sub.start} was cancelled"), "")
+        elif sub.exception() is not None:
+            values.append(None)
+            errors[i] = (sub.exception(), "")
+        else:
+            sub_values, sub_errors = sub.result()
+            values.append(sub_values[0])
+            if 0 in sub_errors:
+                errors[i] = sub_errors[0]
+    return values, errors
 
 
 def _settle_items(batch: _Batch, items: list) -> None:

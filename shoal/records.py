@@ -27,7 +27,7 @@ class Unit:
     worker: Optional[bytes] = None
     queued_at: float = 0.0
     failures: list = field(default_factory=list)  # [worker name, why] per worker lost running it
-    suspect: bool = False  # held by a worker that died; runs alone so blame is exact
+    suspect: bool = False  # held by a worker that died with others: runs alone from now on
 
 
 @dataclass

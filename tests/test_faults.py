@@ -392,10 +392,6 @@ def test_worker_lost_blames_the_task_that_killed_the_worker_not_one_that_finishe
         assert client.gather(innocent, timeout=30) == [i * i for i in range(5)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a map batch is one unit to the broker (shoal/liveness.py _requeue/_deliver_lost): an item "
-    "that kills its worker fails every item of its batch with WorkerLost; the client should "
-    "resubmit a lost batch's items one by one (shoal/mapping.py keeps no in-flight inputs)"))
 @pytest.mark.timeout(60)
 def test_map_items_that_exit_or_segfault_fail_alone_with_worker_lost_and_the_rest_complete():
     with own_cluster() as cluster:
@@ -413,10 +409,13 @@ def test_map_items_that_exit_or_segfault_fail_alone_with_worker_lost_and_the_res
                 assert f.result() == i * i
         with pytest.raises(WorkerLost):
             res.result(timeout=10)  # iteration raises at item 7
-        assert delta(client, before, "workers_lost") == 6
+        # Three charged deaths each; a death while the worker also held prefetched
+        # items is charged to none of them (blame stays exact), at most once per item.
+        lost = delta(client, before, "workers_lost")
+        assert 6 <= lost <= 8
         assert client.map(square, range(100)).result(timeout=30) == [i * i for i in range(100)]
         tally("os._exit(1) + segfault items in a 30-item map (batch_size=1)", 30, 30, 0,
-              delta(client, before, "duplicates"), workers_lost=6)
+              delta(client, before, "duplicates"), workers_lost=lost)
 
 
 @pytest.mark.timeout(60)
@@ -429,10 +428,6 @@ def test_local_cluster_replaces_every_worker_that_poison_tasks_killed():
         wait_until(lambda: registered(client, 2), 8, message="both workers replaced")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a map batch is one unit to the broker (shoal/liveness.py _requeue/_deliver_lost): an item "
-    "that kills its worker fails every item of its batch with WorkerLost; the client should "
-    "resubmit a lost batch's items one by one (shoal/mapping.py keeps no in-flight inputs)"))
 @pytest.mark.timeout(60)
 def test_map_item_that_kills_its_worker_fails_alone_with_default_batching():
     with own_cluster() as cluster:
