@@ -144,10 +144,14 @@ def tagged_pids(tag: str) -> list:
 
 
 def _start_time(pid: int) -> Optional[str]:
-    """The kernel's start time of ``pid`` (to tell it from a later process with the same pid)."""
+    """The kernel's start time of ``pid`` (to tell it from a later process with the same pid).
+
+    None when it is gone, or a zombie: dead already, only not yet reaped.
+    """
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else fields[19]
     except (OSError, IndexError):
         return None
 
