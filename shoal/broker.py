@@ -642,6 +642,11 @@ class Broker(Liveness):
                 break
 
     def _take(self, worker: WorkerRecord, n: int) -> list:
+        if worker.alone is not None:
+            if worker.alone in worker.running:
+                # Nothing joins a suspect, or its worker's death would blame no one.
+                return []
+            worker.alone = None
         taken, skipped = [], []
         queue = self.queue
         scanned = 0
@@ -663,6 +668,7 @@ class Broker(Liveness):
                     skipped.append(unit)  # a suspect runs alone on an idle worker
                     continue
                 taken.append(unit)
+                worker.alone = unit.bid
                 break
             taken.append(unit)
         if skipped:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import linecache
+import re
 import time
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION  # noqa: F401
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -186,8 +188,31 @@ class Future(cf.Future):
 def attach_traceback(exc: BaseException, tb_text: str, worker: str) -> BaseException:
     """Set ``exc.__cause__`` to the remote traceback, so Python prints it; return ``exc``."""
     if tb_text:  # a lost worker, for one, leaves no traceback to show
-        exc.__cause__ = RemoteTraceback(tb_text, worker)
+        exc.__cause__ = RemoteTraceback(with_local_source(tb_text), worker)
     return exc
+
+
+_FRAME_LINE = re.compile(r'  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def with_local_source(tb_text: str) -> str:
+    """Fill in the source lines a worker could not show from this process's own.
+
+    A function defined in a notebook cell travels by value; the worker has no
+    copy of the cell, but this process does (IPython keeps cells in
+    ``linecache``), so the user still sees the line that failed.
+    """
+    lines = tb_text.splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME_LINE.match(line)
+        if match is None or (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
+            continue
+        source = linecache.getline(match["file"], int(match["line"])).strip()
+        if source:
+            out.append(f"    {source}\n")
+    return "".join(out)
 
 
 def cancel_and_notify(future: cf.Future) -> bool:

@@ -53,6 +53,7 @@ class WorkerRecord:
     last_seen: float = 0.0
     control: Optional[bytes] = None  # the worker's control socket (heartbeats, interrupts)
     reported: list = field(default_factory=list)  # units running at its last heartbeat
+    alone: Optional[int] = None  # a suspect unit it runs with nothing beside it
 
     @property
     def prefetch(self) -> int:

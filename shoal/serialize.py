@@ -14,6 +14,7 @@ rebuild the list of buffers in pickle order.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import mmap
 import os
@@ -22,6 +23,7 @@ import secrets
 import threading
 import types
 import weakref
+from collections import ChainMap
 from typing import Any, Callable, Optional, Sequence
 
 import cloudpickle
@@ -169,8 +171,40 @@ segments = SegmentRegistry()
 
 
 # ---------------------------------------------------------------- pickling
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _code_reduce(code: types.CodeType):
+    # cloudpickle 3.1.3 renames every code object it pickles by value to
+    # "<dynamic-code>" (deterministic payloads); a remote traceback then shows
+    # no file and no source line.  Keep the real file name: a worker on the same
+    # host reads the lines from it, and a client fills in the ones it knows
+    # (notebook cells) when it shows the traceback.
+    rebuild, args = _cloudpickle_code_reduce(code)
+    if _DYNAMIC_CODE not in args:
+        return rebuild, args
+    return _code_with_filename, (rebuild, args, code.co_filename)
+
+
+def _code_with_filename(rebuild, args: tuple, filename: str) -> types.CodeType:
+    """Unpickling hook: the code object cloudpickle rebuilds, under its own file name."""
+    return rebuild(*args).replace(co_filename=filename)
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+
+def cloudpickle_dumps(obj: Any, buffer_callback=None) -> bytes:
+    """``cloudpickle.dumps(obj, protocol=5)``, keeping the file names of code pickled by value."""
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def _dumps(obj, buffer_callback) -> bytes:
-    return cloudpickle.dumps(obj, protocol=5, buffer_callback=buffer_callback)
+    return cloudpickle_dumps(obj, buffer_callback)
 
 
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
@@ -253,7 +287,7 @@ def _describe(obj: Any) -> str:
 
 def _unpicklable(obj: Any) -> Exception | None:
     try:
-        cloudpickle.dumps(obj, protocol=5)
+        cloudpickle_dumps(obj)
     except Exception as exc:  # pickling can raise nearly anything
         return exc
     return None
@@ -343,7 +377,7 @@ class FunctionCache:
 
 def _dumps_function(fn: Callable) -> bytes:
     try:
-        return cloudpickle.dumps(fn, protocol=5)
+        return cloudpickle_dumps(fn)
     except Exception as exc:
         raise SerializationError(
             f"function {fn_name(fn)!r} cannot be pickled{explain_function(fn)}: {exc}. "

@@ -584,8 +584,12 @@ def test_cancel_stops_a_running_task_within_a_second_and_its_worker_serves_on(gc
 
 
 CTRL_C_CLIENT = textwrap.dedent("""
+    import signal
     import sys
     import shoal
+    # A shell that starts pytest in the background makes its children ignore
+    # SIGINT; this client must take Ctrl-C as a user's terminal would deliver it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from test_faults import hold_item
     from conftest import hold
 

@@ -194,6 +194,36 @@ def test_exception_is_reraised_as_its_own_type_with_the_remote_traceback(client)
     assert "shoal/worker.py" not in text.split("fails_on_purpose")[0]
 
 
+def test_a_closure_that_fails_shows_its_file_and_failing_line(client):
+    def fails_inside_a_closure(x):
+        raise KeyError(f"missing {x}")  # <- the closure's failing line
+
+    with pytest.raises(KeyError) as info:
+        client.submit(fails_inside_a_closure, 5).result(timeout=30)
+    text = str(info.value.__cause__)
+    assert f'File "{__file__}"' in text  # not cloudpickle's "<dynamic-code>"
+    assert "raise KeyError(f\"missing {x}\")  # <- the closure's failing line" in text
+
+
+def test_a_function_from_a_notebook_cell_shows_the_cell_line_the_worker_never_saw(client):
+    # IPython keeps each cell's text in linecache under a name no worker can read;
+    # the client fills the line in from there.
+    import linecache
+    cell = "<shoal-test-cell-1>"
+    source = "def cell_function(x):\n    return 1 / x  # the cell's failing line\n"
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(source, cell, "exec"), namespace)
+    try:
+        with pytest.raises(ZeroDivisionError) as info:
+            client.submit(namespace["cell_function"], 0).result(timeout=30)
+    finally:
+        linecache.cache.pop(cell, None)
+    text = str(info.value.__cause__)
+    assert f'File "{cell}", line 2, in cell_function' in text
+    assert "    return 1 / x  # the cell's failing line" in text
+
+
 def test_exception_method_returns_the_same_exception(client):
     fut = client.submit(fails_on_purpose, 1)
     exc = fut.exception(timeout=30)

@@ -257,7 +257,7 @@ def run_cell(source: str, filename: str, shipped: dict, pull: list, want_value: 
     one by one into a :class:`CellOutcome`.  An exception is re-raised with
     the traceback of the cell's own lines attached as ``_shoal_cell_tb``.
     """
-    import cloudpickle
+    from ..serialize import cloudpickle_dumps
 
     try:
         from ..worker import namespace
@@ -284,7 +284,7 @@ def run_cell(source: str, filename: str, shipped: dict, pull: list, want_value: 
                 outcome.has_value = True
                 outcome.value_type = f"{type(value).__module__}.{type(value).__qualname__}"
                 try:
-                    outcome.value = cloudpickle.dumps(value, protocol=5)
+                    outcome.value = cloudpickle_dumps(value)
                 except Exception as exc:
                     outcome.value_repr = f"{_safe_repr(value)}\n(not pickleable: {exc})"
     except BaseException as exc:
@@ -297,7 +297,7 @@ def run_cell(source: str, filename: str, shipped: dict, pull: list, want_value: 
         if name not in namespace:
             continue  # bound only on a path that did not run
         try:
-            outcome.names[name] = cloudpickle.dumps(namespace[name], protocol=5)
+            outcome.names[name] = cloudpickle_dumps(namespace[name])
         except Exception as exc:
             outcome.kept[name] = f"cannot be pickled: {type(exc).__name__}: {exc}"
     return outcome

@@ -450,10 +450,10 @@ def _is_handle(value: Any) -> bool:
 
 
 def _explain_unshippable(shipped: dict, exc: BaseException) -> BaseException:
-    import cloudpickle
+    from ..serialize import cloudpickle_dumps
     for name, value in shipped.items():
         try:
-            cloudpickle.dumps(value)
+            cloudpickle_dumps(value)
         except Exception as err:
             return _usage_error(
                 f"%%remote: cannot ship `{name}` ({type(value).__qualname__}) to the worker: "
