@@ -26,7 +26,11 @@ _EXPORTS = {
     "BrokerError": "errors", "BrokerUnreachable": "errors", "ClientClosed": "errors",
     "NoWorkersError": "errors", "RemoteError": "errors", "SerializationError": "errors",
     "ShoalError": "errors", "WorkerLost": "errors", "TaskTimeout": "errors",
-    "BrokerLost": "errors", "ResultTooLarge": "errors",
+    "BrokerLost": "errors", "ResultTooLarge": "errors", "Retry": "errors",
+    "RetriesExhausted": "errors", "DependencyFailed": "errors",
+    "s": "canvas", "si": "canvas", "chain": "canvas", "group": "canvas", "chord": "canvas",
+    "Signature": "canvas", "GroupResult": "canvas",
+    "task": "tasks", "Task": "tasks",
     "PROTOCOL_VERSION": "protocol",
     "to_frame": "frames",
 }
@@ -63,10 +67,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .executor import Executor  # noqa: F401
     from .mapping import MapResult  # noqa: F401
     from .refs import Ref  # noqa: F401
+    from .canvas import GroupResult, Signature, chain, chord, group, s, si  # noqa: F401
     from .cluster import Cluster, ClusterError  # noqa: F401
+    from .tasks import Task, task  # noqa: F401
     from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed,  # noqa: F401
-                         NoWorkersError, RemoteError, ResultTooLarge, SerializationError,
-                         ShoalError, TaskTimeout, WorkerLost)
+                         DependencyFailed, NoWorkersError, RemoteError, ResultTooLarge, RetriesExhausted,
+                         Retry, SerializationError, ShoalError, TaskTimeout, WorkerLost)
     from .futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION,  # noqa: F401
                           Future, RemoteTraceback, as_completed, wait)
     from .protocol import PROTOCOL_VERSION  # noqa: F401

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -26,14 +25,20 @@ import zmq
 
 from . import protocol
 from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
+from .durable import MemoryOnly
+from .flow import Flow
 from .liveness import Liveness
-from .records import (PARKED, QUEUED, RUNNING, CancelRequest, ClientRecord, StoredObject, Unit,
-                      WorkerRecord)
+from .records import (DEFAULT_QUEUE, LIMITED, PARKED, QUEUED, RUNNING, SCHEDULED, WAITING,
+                      CancelRequest, ClientRecord, StoredObject, Unit, WorkerRecord, task_key)
+from .routing import (TaskQueue, describe_route, parse_resources, runnable_somewhere, unit_route,
+                      unrunnable, worker_command)
 from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets, create_peer,
                        default_home, new_key, read_connection_file, read_key_file, runtime_dir,
                        write_connection_file)
 from .serialize import host_id
-from .store import ResultStore
+from .options import due_at
+from .scheduling import RateLimits, Timers, check_rate
+from .store import ResultStore, TaskResults
 from .transport import MessageTooLarge, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -50,12 +55,17 @@ DROP_LOG_PER_SECOND = 5
 PARK_SECONDS = 30.0
 
 _COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
+#: The owner of an object whose client left while tasks that use it wait.
+ORPHANED = b""
+#: States of a unit that has not started: a cancel withdraws it at the broker.
+_WAITING_STATES = frozenset({QUEUED, PARKED, WAITING, SCHEDULED, LIMITED})
 #: Requests that act must name this run of the broker (``bs``): replayed from
 #: an earlier run, they are refused.
-_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST})
+_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
+                            Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
 
 
-class Broker(Liveness):
+class Broker(Liveness, Flow):
     """A shoal broker bound to ``listen`` (``tcp://127.0.0.1:0`` picks a free port).
 
     Also binds an IPC endpoint beside the TCP one so that processes on this
@@ -118,11 +128,19 @@ class Broker(Liveness):
         self.workers: dict[bytes, WorkerRecord] = {}
         self.clients: dict[bytes, ClientRecord] = {}
         self.tasks: dict[int, Unit] = {}
-        self.queue: deque[Unit] = deque()
+        self.queue = TaskQueue()
         self.objects: dict[bytes, StoredObject] = {}
         self.parked: dict[bytes, list] = {}  # missing object digest -> units waiting for it
         self.cancels: dict[int, CancelRequest] = {}  # awaiting workers' answers
         self.results = ResultStore()  # finished parts of keyed maps
+        self.kept = TaskResults()  # outcomes of single tasks, by key (see flow.py)
+        self.by_key: dict[bytes, Unit] = {}  # unfinished units by key
+        self.result_users: dict[bytes, int] = {}  # key -> waiting tasks that take its result
+        self.awaiting_values: dict[bytes, list] = {}  # key -> dependents, value asked of a client
+        self.fetches: dict[bytes, list] = {}  # key -> [ident, tid, deadline] asked before it came
+        self.durable = MemoryOnly()
+        self.timers = Timers()  # units held until a time (delay, at, retry back-off)
+        self.limits = RateLimits()  # units waiting for their task name's rate limit
         # Task ids start at a random offset in each run, so a result of an
         # earlier run's task can never be taken for one of this run's.
         self._ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 16)
@@ -136,6 +154,7 @@ class Broker(Liveness):
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
                        "dropped": 0, "duplicates": 0}
         self._drop_window = (0.0, 0)
+        self._registered_only = False  # some connected worker runs named tasks only
         self._handlers = {
             Kind.CLIENT_HELLO: self._on_client_hello,
             Kind.SUBMIT: self._on_submit,
@@ -151,6 +170,8 @@ class Broker(Liveness):
             Kind.WORKER_BYE: self._on_worker_bye,
             Kind.WORKER_LOST: self._on_worker_lost,
             Kind.ATTACH: self._on_attach,
+            Kind.FETCH: self._on_fetch,
+            Kind.TASK_INFO: self._on_task_info,
         }
 
     def _local_peer(self, curve: BrokerSecrets) -> ConnectionInfo:
@@ -169,7 +190,10 @@ class Broker(Liveness):
         next_tick = time.monotonic() + 0.5
         try:
             while not self._stopping:
-                timeout = max(0.0, next_tick - time.monotonic())
+                wake = next_tick
+                if self._timed:
+                    wake = min(wake, self._next_timed())
+                timeout = max(0.0, wake - time.monotonic())
                 if sock.poll(int(timeout * 1000) + 1):
                     # Drain what is waiting before dispatching: one dispatch pass
                     # then serves a burst, and credits are up to date.
@@ -185,6 +209,8 @@ class Broker(Liveness):
                         self._handle(frames)
                     if self.queue:
                         self._dispatch()
+                if self._timed and time.monotonic() >= self._next_timed():
+                    self._release_timed()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + 0.5
                     self._tick()
@@ -194,12 +220,45 @@ class Broker(Liveness):
     def stop(self) -> None:
         self._stopping = True
 
+    @property
+    def _timed(self) -> bool:
+        """Whether some unit waits for a time or a rate limit's token."""
+        return bool(self.timers) or self.limits.has_waiting()
+
+    def _next_timed(self) -> float:
+        """Monotonic time at which the next held unit may go."""
+        soonest = float("inf")
+        due = self.timers.next_due()
+        if due is not None:
+            soonest = time.monotonic() + (due - time.time())
+        release = self.limits.next_release()
+        if release is not None:
+            soonest = min(soonest, release)
+        return soonest
+
+    def _release_timed(self) -> None:
+        """Queue the units whose time or token has come, and dispatch them."""
+        for unit in self.timers.pop_due(time.time()):
+            unit.due = None
+            self._enqueue(unit)
+        self.limits.release(self._requeue_front)
+        if self.queue:
+            self._dispatch()
+
+    def _requeue_front(self, unit: Unit) -> None:
+        unit.state = QUEUED
+        self.queue.appendleft(unit)
+
     def _tick(self) -> None:
         if self.parked:
             self._expire_parked()
         now = time.monotonic()
         self._check_liveness(now)
         self.results.expire()
+        self._expire_kept()
+        if self.fetches:
+            self._expire_fetches()
+        self._collect_orphans()
         for rid, request in list(self.cancels.items()):
             if now - request.at > 30:  # a worker that never answered
                 del self.cancels[rid]
@@ -303,31 +362,66 @@ class Broker(Liveness):
                 for unit in self.parked.pop(digest, ()):
                     if unit.state == PARKED:
                         self._enqueue(unit)
+                if digest in self.awaiting_values:  # a dependency's value, asked of its client
+                    self._release_dependents(digest, self.awaiting_values.pop(digest))
             obj.owners.add(ident)
             pos += n
         return pos
 
     def _enqueue(self, unit: Unit) -> None:
+        """Queue ``unit``, or hold it until what it waits for: its function or
+        data, the futures it takes, its time."""
         for ref in unit.refs:
             if ref not in self.objects:
                 unit.state = PARKED
                 self.parked.setdefault(ref, []).append(unit)
                 return
+        if unit.due is not None and unit.due > time.time():
+            self.timers.hold(unit, unit.due)
+            return
         unit.state = QUEUED
         self.queue.append(unit)
+
+    def _admit(self, unit: Unit) -> bool:
+        """Whether a unit a worker could take may go now (its rate limit allows)."""
+        limit = unit.meta.get("rl")
+        if limit is None:
+            return True
+        if unit.admitted:  # released from its line with a token
+            unit.admitted = False
+            return True
+        return self.limits.admit(unit, str(unit.meta.get("nm", "")), *limit)
 
     def _on_submit(self, ident: bytes, msg: protocol.Message) -> None:
         frames, header = msg.frames, msg.header
         ident = header.get("rt", ident)  # results go to the client's receiving socket
         client = self._client(ident)
+        cid = header.get("cid")
+        if cid is not None:
+            if not isinstance(cid, bytes) or len(cid) != 8:
+                raise ValueError(f"malformed client id {cid!r}")
+            client.cid = cid
         pos = self._store_objects(ident, msg)
         now = time.monotonic()
         for tid, refs, n, meta in header["u"]:
-            if not refs or not isinstance(meta, dict):
+            if not isinstance(meta, dict) or not (refs or isinstance(meta.get("fn"), str)):
                 raise ValueError(f"task {tid!r} names no function")
+            if type(tid) is not int or not 0 < tid < 1 << 56:
+                raise ValueError(f"malformed task number {tid!r}")
             unit = Unit(next(self._ids), ident, tid, refs, frames[pos:pos + n],
-                        protocol.frame_digests(header, pos, pos + n), meta, queued_at=now)
+                        protocol.frame_digests(header, pos, pos + n), meta, queued_at=now,
+                        key=task_key(client.cid, tid) if client.cid else b"")
             pos += n
+            try:
+                if "q" in meta or "pr" in meta or "rs" in meta:
+                    unit.queue, unit.priority, unit.resources = unit_route(meta)
+                if "at" in meta or "dl" in meta:
+                    unit.due = due_at(meta)
+                if "rl" in meta:
+                    check_rate(meta["rl"])
+            except (TypeError, ValueError) as exc:
+                self._send(ident, Kind.ERROR, {"t": [tid], "msg": str(exc)})
+                continue
             target = meta.get("to")
             if target is not None and not any(w.name == target for w in self.workers.values()):
                 names = ", ".join(sorted(w.name for w in self.workers.values())) or "none"
@@ -336,8 +430,65 @@ class Broker(Liveness):
                 continue
             self.tasks[unit.bid] = unit
             client.tasks[tid] = unit.bid
+            if unit.key:
+                self._index(unit)
+            if "dp" in meta:
+                try:
+                    failed = self._wire_dependencies(unit, meta["dp"])
+                except LookupError as exc:
+                    self.tasks.pop(unit.bid)
+                    client.tasks.pop(tid, None)
+                    self._send(ident, Kind.ERROR, {"t": [tid], "msg": str(exc)})
+                    continue
+                if failed is not None:
+                    self._fail_dependency(unit, failed[0], failed[1].status, failed[1].meta)
+                    continue
+                if unit.waiting_on:
+                    unit.state = WAITING
+                    continue
             self._enqueue(unit)
+            if self.workers and (unit.queue != DEFAULT_QUEUE or unit.resources or "fn" in meta
+                                 or self._registered_only):
+                if self._refuse_pickled(unit):
+                    continue
+                self._warn_if_unrunnable(client, unit)
         self.counts["submitted"] += len(header["u"])
+
+    def _refuse_pickled(self, unit: Unit) -> bool:
+        """Fail a unit of pickled code when every connected worker of its queue refuses
+        such code (they run registered tasks only)."""
+        if "fn" in unit.meta:
+            return False
+        target = unit.meta.get("to")
+        serving = [w for w in self.workers.values()
+                   if (w.name == target if target is not None else unit.queue in w.queues)]
+        if not serving or not all(w.registered_only for w in serving):
+            return False
+        names = sorted({t for w in serving for t in w.task_names})
+        where = f"worker {target}" if target is not None else \
+            f"every connected worker of queue {unit.queue!r}"
+        why = (f"{where} runs registered tasks only "
+               "(shoal worker --registered-only) and refuses pickled code: submit a task by "
+               "name, e.g. "
+               f"client.submit({(names or ['pkg.tasks.resize'])[0]!r}, ...); the workers have "
+               f"{', '.join(names) or 'no tasks'}")
+        self.tasks.pop(unit.bid, None)
+        self.clients[unit.client].tasks.pop(unit.tid, None)
+        unit.state = "failed"
+        self.counts["failed"] += 1
+        self._send(unit.client, Kind.RESULTS, {"r": [[unit.tid, "berr", 0, {"msg": why}]]})
+        self._settled(unit, "berr", [], {"msg": why})
+        return True
+
+    def _warn_if_unrunnable(self, client: ClientRecord, unit: Unit) -> None:
+        """Tell a client, once per kind of need, that no connected worker can take its task."""
+        needs = describe_route(unit)
+        if needs in client.warned or runnable_somewhere(unit, self.workers.values()):
+            return
+        client.warned.add(needs)
+        self._send(client.ident, Kind.NOTICE, {"msg": (
+            f"no connected worker serves {needs}: the task waits until one joins "
+            f"(start one with `{worker_command(unit)}`); `shoal status` lists such tasks")})
 
     def _expire_parked(self) -> None:
         now = time.monotonic()
@@ -348,19 +499,26 @@ class Broker(Liveness):
             self.parked[digest] = [u for u in units if u not in expired]
             if not self.parked[digest]:
                 del self.parked[digest]
+            why = (f"the function or scattered data of this task never reached the broker "
+                   f"within {PARK_SECONDS:g} s (was the broker restarted?)")
             by_client: dict[bytes, list] = {}
             for unit in expired:
                 if self.tasks.pop(unit.bid, None) is not None:
                     unit.state = "failed"
                     by_client.setdefault(unit.client, []).append(unit.tid)
+                    self._settled(unit, "berr", [], {"msg": why})
             for client, tids in by_client.items():
-                self._send(client, Kind.ERROR, {
-                    "msg": f"the function or scattered data of this task never reached the broker "
-                           f"within {PARK_SECONDS:g} s (was the broker restarted?)", "t": tids})
+                self._send(client, Kind.ERROR, {"msg": why, "t": tids})
 
     def _on_scatter(self, ident: bytes, msg: protocol.Message) -> None:
         ident = msg.header.get("rt", ident)
         self._client(ident)
+        failed = msg.header.get("failed")
+        if failed is not None:  # the answer to NEED: that dependency did not succeed
+            key, why = failed
+            if isinstance(key, bytes) and isinstance(why, str):
+                self._value_failed(key, why)
+            return
         self._store_objects(ident, msg)
 
     def _on_cancel(self, ident: bytes, msg: protocol.Message) -> None:
@@ -376,11 +534,12 @@ class Broker(Liveness):
             unit = self.tasks.get(bid) if bid is not None else None
             if unit is None:
                 continue
-            if unit.state in (QUEUED, PARKED):
+            if unit.state in _WAITING_STATES:
                 del self.tasks[bid]
                 del client.tasks[tid]
-                unit.state = "cancelled"  # left in the deque; skipped when reached
+                unit.state = "cancelled"  # left where it waited; skipped when reached
                 request.withdrawn.append(tid)
+                self._settled(unit, "cancelled")
             elif unit.state == RUNNING and unit.worker in self.workers:
                 forward.setdefault(unit.worker, []).append(bid)
         if not forward:
@@ -405,13 +564,14 @@ class Broker(Liveness):
                     request.withdrawn.append(unit.tid)
                     request.interrupted += 1
         for bid in msg.header["b"]:
-            unit = worker.running.pop(bid, None) if worker else None
+            unit = worker.finish(bid) if worker else None
             if unit is None or self.tasks.pop(bid, None) is None:
                 continue
             client = self.clients.get(unit.client)
             if client is not None:
                 client.tasks.pop(unit.tid, None)
             unit.state = "cancelled"
+            self._settled(unit, "cancelled")
             if request is not None:
                 request.withdrawn.append(unit.tid)
         if request is not None and worker is not None:
@@ -437,37 +597,77 @@ class Broker(Liveness):
             "uptime": time.time() - self.started,
             "queued": len(self.tasks) - running,
             "running": running,
+            # (of the queued: held for their time, waiting for others' results, for a token)
+            "scheduled": len(self.timers),
+            "waiting": sum(1 for u in self.by_key.values() if u.state == WAITING),
+            "rate_limited": self.limits.waiting(),
             "clients": len(self.clients),
             "counts": self.counts,
             "kept_results": self.results.summary(),
             "worker_list": [
                 {"name": w.name, "slots": w.slots, "running": len(w.running), "done": w.done,
                  "host": w.host.split(":")[0], "pid": w.pid,
-                 "mean_task_ms": None if w.mean_time is None else round(w.mean_time * 1000, 3)}
+                 "mean_task_ms": None if w.mean_time is None else round(w.mean_time * 1000, 3),
+                 "queues": sorted(w.queues), "resources": w.resources}
                 for w in self.workers.values()],
+            "unrunnable": self._unrunnable(),
         }
         self._send(ident, Kind.STATUS_REPLY, reply)
+
+    @staticmethod
+    def _outlives_client(unit: Unit) -> bool:
+        """Keyed maps and timed tasks (delay, at) stay queued when their client
+        leaves: their results are kept for whoever asks (client.results, client.result)."""
+        return "k" in unit.meta or "at" in unit.meta or "dl" in unit.meta
+
+    def _unrunnable(self) -> list:
+        return unrunnable(self.queue.queued(), self.workers.values())
 
     def _on_client_bye(self, ident: bytes, msg: protocol.Message) -> None:
         self._forget_client(ident)
 
     def _forget_client(self, ident: bytes) -> None:
-        """Drop a client that left: its queued tasks go too, unless a keyed map
-        owns them (their results are kept for a client that re-attaches)."""
+        """Drop a client that left: its queued tasks go too, unless they outlive
+        it (see _outlives_client); the objects those use stay while they do."""
         client = self.clients.pop(ident, None)
         if client is None:
             return
+        kept: set = set()
         for bid in client.tasks.values():
             unit = self.tasks.get(bid)
-            if unit is not None and unit.state in (QUEUED, PARKED) and "k" not in unit.meta:
+            if unit is None:
+                continue
+            if self._outlives_client(unit) or unit.state not in _WAITING_STATES:
+                kept.update(unit.refs)
+            else:
                 del self.tasks[bid]
                 unit.state = "cancelled"
+                self._settled(unit, "cancelled")
         released = []
         for digest, obj in list(self.objects.items()):
             obj.owners.discard(ident)
-            if not obj.owners:
+            if digest in kept:
+                obj.owners.add(ORPHANED)  # until no task uses it (_collect_orphans)
+            elif not obj.owners:
                 del self.objects[digest]
                 released.append(digest)
+        self._release_objects(released)
+
+    def _collect_orphans(self) -> None:
+        """Forget objects of departed clients that no task uses any more."""
+        orphans = {d for d, obj in self.objects.items() if obj.owners == {ORPHANED}}
+        if not orphans:
+            return
+        for unit in self.tasks.values():
+            orphans.difference_update(unit.refs)
+            if not orphans:
+                return
+        for digest in orphans:
+            del self.objects[digest]
+        self._release_objects(list(orphans))
+
+    def _release_objects(self, released: list) -> None:
+        """Tell the workers holding these objects to drop them."""
         if released:
             for w in self.workers.values():
                 if w.objects.intersection(released):
@@ -489,18 +689,41 @@ class Broker(Liveness):
         while name in taken:
             n += 1
             name = f"{base}-{n}"
+        queues = h.get("qs", [DEFAULT_QUEUE])
+        if (not isinstance(queues, list) or not queues
+                or not all(isinstance(q, str) and q for q in queues)):
+            raise ValueError(f"worker announced queues {queues!r}")
+        resources = parse_resources(h.get("rs") or {})
+        task_names = h.get("tk", [])
+        if not isinstance(task_names, list) or not all(isinstance(t, str) for t in task_names):
+            raise ValueError(f"worker announced tasks {task_names!r}")
         old = self.workers.pop(ident, None)
         if old is not None:
             self._requeue(old)  # it restarted its session: what it held never ran
         self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
                                            int(h.get("pid", 0)), last_seen=time.monotonic(),
-                                           control=h.get("ctl"))
-        logger.info("worker %s joined with %d slot(s)", name, slots)
-        self._send(ident, Kind.WELCOME, {"name": name})
+                                           control=h.get("ctl"), queues=frozenset(queues),
+                                           resources=resources, task_names=frozenset(task_names),
+                                           registered_only=bool(h.get("ro")))
+        self._workers_changed()
+        logger.info("worker %s joined with %d slot(s)%s%s%s", name, slots,
+                    "" if queues == [DEFAULT_QUEUE] else f", queues {','.join(queues)}",
+                    f", resources {_format_resources(resources)}" if resources else "",
+                    f", {len(task_names)} named task(s)" + (
+                        ", registered tasks only" if h.get("ro") else "") if task_names else "")
+        self._send(ident, Kind.WELCOME, {"name": name, "session": self.session})
+
+    def _workers_changed(self) -> None:
+        """A worker joined or left: what every client was told about unrunnable tasks may
+        no longer hold."""
+        self._registered_only = any(w.registered_only for w in self.workers.values())
+        for client in self.clients.values():
+            client.warned.clear()
 
     def _on_worker_bye(self, ident: bytes, msg: protocol.Message) -> None:
         worker = self.workers.pop(ident, None)
         if worker is not None:
+            self._workers_changed()
             logger.info("worker %s left", worker.name)
             self._fail_addressed_to(worker)
             self._requeue(worker)
@@ -548,16 +771,20 @@ class Broker(Liveness):
             worker.last_seen = time.monotonic()
         header, frames = msg.header, msg.frames
         outgoing: dict[bytes, tuple[list, list, dict]] = {}
+        settled = []
         pos = 0
         for bid, status, n, meta in header["r"]:
             start, pos = pos, pos + n
+            if status == "retry":
+                self._retry_later(bid, meta, worker)
+                continue
             unit = self.tasks.pop(bid, None)
             if unit is None:
                 self.counts["duplicates"] += 1
                 continue
             holder = self.workers.get(unit.worker) if unit.worker else None
             if holder is not None:
-                holder.running.pop(bid, None)
+                holder.finish(bid)
             client = self.clients.get(unit.client)
             if client is not None:
                 client.tasks.pop(unit.tid, None)
@@ -569,16 +796,42 @@ class Broker(Liveness):
                     worker.observe(t)  # per unit: prefetch counts units, batches included
             self.counts[_COUNTED.get(status, "failed")] += 1
             meta["w"] = worker.name if worker is not None else "a worker no longer registered"
-            self._keep_result(unit, status, frames[start:start + n], meta,
-                              protocol.frame_digests(header, start, start + n))
+            unit_frames = frames[start:start + n]
+            unit_digests = protocol.frame_digests(header, start, start + n)
+            self._keep_result(unit, status, unit_frames, meta, unit_digests)
+            settled.append((unit, status, unit_frames, meta, unit_digests))
             entries, out_frames, digests = outgoing.setdefault(unit.client, ([], [], {}))
             base = len(out_frames)
-            for i, d in protocol.frame_digests(header, start, start + n).items():
+            for i, d in unit_digests.items():
                 digests[base + i] = d
-            out_frames.extend(frames[start:start + n])
+            out_frames.extend(unit_frames)
             entries.append([unit.tid, status, n, meta])
         for client, (entries, out_frames, digests) in outgoing.items():
             self._send(client, Kind.RESULTS, {"r": entries}, out_frames, digests)
+        # After the results themselves: a dependent's failure then reaches a
+        # client that already has the exception it names.
+        for outcome in settled:
+            self._settled(*outcome)
+
+    def _retry_later(self, bid: int, meta: dict, worker: Optional[WorkerRecord]) -> None:
+        """A worker asks to run unit ``bid`` again after ``meta["dl"]`` seconds
+        (a retry with back-off): the broker holds it meanwhile, the slot serves others."""
+        unit = self.tasks.get(bid)
+        if unit is None or unit.state != RUNNING or worker is None or unit.worker != worker.ident:
+            self.counts["duplicates"] += 1  # it was lost and requeued meanwhile
+            return
+        worker.finish(bid)
+        worker.done += 1
+        delay = meta.get("dl", 0.0)
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+            delay = 0.0
+        attempt = meta.get("att")
+        unit.meta["att"] = attempt if type(attempt) is int else unit.meta.get("att", 0) + 1
+        unit.worker = None
+        unit.due = time.time() + delay
+        self.counts["retried"] = self.counts.get("retried", 0) + 1
+        logger.debug("task %d retries in %.3f s (attempt %d)", bid, delay, unit.meta["att"] + 1)
+        self._enqueue(unit)
 
     def _on_attach(self, ident: bytes, msg: protocol.Message) -> None:
         """What exists of a keyed map: finished parts (with their results) and
@@ -630,7 +883,7 @@ class Broker(Liveness):
             share = max(1, math.ceil(len(self.queue) / len(free)))
             progressed = False
             for worker in list(free):
-                units = self._take(worker, min(worker.capacity, share))
+                units = self.queue.take(worker, min(worker.capacity, share), self._admit)
                 if units:
                     progressed = True
                     self._send_units(worker, units)
@@ -640,40 +893,6 @@ class Broker(Liveness):
                     break
             if not progressed:
                 break
-
-    def _take(self, worker: WorkerRecord, n: int) -> list:
-        if worker.alone is not None:
-            if worker.alone in worker.running:
-                # Nothing joins a suspect, or its worker's death would blame no one.
-                return []
-            worker.alone = None
-        taken, skipped = [], []
-        queue = self.queue
-        scanned = 0
-        while queue and len(taken) < n and scanned < n + 256:
-            unit = queue.popleft()
-            if unit.state != QUEUED:
-                continue
-            scanned += 1
-            host = unit.meta.get("h")
-            if host and host != worker.host:
-                skipped.append(unit)  # needs shared memory on another host
-                continue
-            target = unit.meta.get("to")
-            if target is not None and target != worker.name:
-                skipped.append(unit)  # addressed to another worker
-                continue
-            if unit.suspect:
-                if taken or worker.running:
-                    skipped.append(unit)  # a suspect runs alone on an idle worker
-                    continue
-                taken.append(unit)
-                worker.alone = unit.bid
-                break
-            taken.append(unit)
-        if skipped:
-            queue.extendleft(reversed(skipped))
-        return taken
 
     def _send_units(self, worker: WorkerRecord, units: list) -> None:
         frames: list = []
@@ -695,11 +914,16 @@ class Broker(Liveness):
             frames.extend(unit.frames)
             entries.append([unit.bid, unit.refs, len(unit.frames), unit.meta])
             unit.state, unit.worker = RUNNING, worker.ident
-            worker.running[unit.bid] = unit
+            if unit.bid not in worker.running:  # (units with resources are claimed when taken)
+                worker.start(unit)
         fields = {"u": entries}
         if objects:
             fields["ob"] = objects
         self._send(worker.ident, Kind.TASKS, fields, frames, digests)
+
+
+def _format_resources(resources: dict) -> str:
+    return ",".join(f"{name}={amount:g}" for name, amount in sorted(resources.items()))
 
 
 def _bind(sock: zmq.Socket, listen: str) -> str:

@@ -20,19 +20,24 @@ import zmq
 from zmq.backend import zmq_poll
 
 from . import protocol, serialize
-from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
-                     RemoteError, WorkerLost)
+from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, DependencyFailed,
+                     NoWorkersError, RemoteError, WorkerLost)
 from .executor import Executor
 from .futures import Encoded, Future, attach_traceback, cancel_and_notify
 from .mapping import MapResult, _Batch
+from .options import task_options
 from .protocol import Kind, ProtocolError
-from .refs import Ref, collect_refs
+from .deps import AlreadyFailed, already_failed
+from .tasks import encode_function
+from .records import parse_task_id, task_key
+from .refs import Ref, collect_refs, collected_deps
 from .security import apply_curve, resolve_connection, runtime_dir
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
-_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST})
+_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
+                            Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -77,6 +82,8 @@ class Client:
         self._host = serialize.host_id()
         self._shm_here = serialize.shm_available()
         self._tids = itertools.count(1)
+        #: this client's id: with a task's number it names the task anywhere (Future.task_id)
+        self.cid = os.urandom(8)
         self._pending: dict[int, Any] = {}      # task id -> Future or map batch
         self._segments: dict[int, list] = {}    # task id -> shared-memory segments it sent
         # Everything bound for the broker goes through one ordered outbox,
@@ -101,6 +108,9 @@ class Client:
         self._welcome = threading.Event()
         self._status_waiters: deque = deque()
         self._replies: dict[int, Future] = {}   # request id -> waiter (cancel requests)
+        # Futures that pending tasks take as arguments, by key: the broker may ask
+        # for one's value (NEED), and DependencyFailed names its exception.
+        self._dependencies: dict[bytes, list] = {}  # key -> [future, tasks taking it]
         self.workers = 0
         self.slots = 0
         self.hosts: list = []
@@ -120,18 +130,47 @@ class Client:
 
     # ------------------------------------------------------------ public API
     def submit(self, fn: Callable, /, *args: Any, retries: int = 0,
-               timeout: Optional[float] = None, **kwargs: Any) -> Future:
+               timeout: Optional[float] = None, retry_backoff: Optional[float] = None,
+               retry_backoff_max: Optional[float] = None, retry_jitter: bool = True,
+               retry_on: Any = None, queue: Optional[str] = None, priority: int = 0,
+               resources: Any = None, delay: Optional[float] = None, at: Any = None,
+               unique: Optional[str] = None, rate_limit: Optional[str] = None,
+               **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; return a :class:`shoal.Future`.
 
-        ``retries`` runs it again that many times when it raises; ``timeout``
-        stops it after that many seconds with :class:`~shoal.TaskTimeout` (its
-        worker goes on serving).  These two names are shoal's: to pass a
-        ``timeout`` argument to ``fn`` itself, bind it with ``functools.partial``.
+        >>> client.submit(resize, "a.png", queue="io", priority=10, retries=3,
+        ...               retry_backoff=1, retry_on=(IOError,))
+
+        - ``retries``: run it again that many times when it raises;
+          ``retry_backoff=S`` waits S, 2S, 4S... seconds between tries (with
+          jitter, at most ``retry_backoff_max``, default 600 s), while the worker
+          serves other tasks; ``retry_on=(IOError,)`` retries only those errors.
+          A task may also ask for its own retry: ``raise shoal.Retry(delay=5)``.
+        - ``timeout``: stop it after that many seconds with
+          :class:`~shoal.TaskTimeout` (its worker goes on serving).
+        - ``queue``, ``resources``, ``priority``: run it on a worker serving that
+          queue (``shoal worker --queues gpu``) with those resources free
+          (``--resources gpu=1``), higher priorities first.
+        - ``delay`` (seconds) or ``at`` (a datetime; naive ones are local time):
+          the broker holds the task until then.
+        - ``unique="key"``: refused while another task with that key is queued
+          or running (the error names it).
+        - ``rate_limit="10/m"``: at most that often per task name, cluster-wide.
+
+        A future passed as an argument, also inside lists, tuples and dicts,
+        makes this task wait for it and receive its result (see :func:`shoal.chain`).
+        These option names are shoal's: to pass an argument of the same name to
+        ``fn`` itself, bind it with ``functools.partial``.
 
         Raises :class:`~shoal.SerializationError` at once, naming the argument
         or captured variable, if something cannot be pickled.
         """
-        return self._submit(fn, args, kwargs, None, _task_options(retries, timeout))
+        options = task_options(retries, timeout, retry_backoff=retry_backoff,
+                               retry_backoff_max=retry_backoff_max, retry_jitter=retry_jitter,
+                               retry_on=retry_on, queue=queue, priority=priority,
+                               resources=resources, delay=delay, at=at, unique=unique,
+                               rate_limit=rate_limit)
+        return self._submit(fn, args, kwargs, None, options)
 
     def submit_to(self, worker: str, fn: Callable, *args: Any, **kwargs: Any) -> Future:
         """Like :meth:`submit`, on the worker named ``worker`` (see :meth:`worker_names`).
@@ -151,23 +190,35 @@ class Client:
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, worker: Optional[str],
                 options: Optional[dict] = None) -> Future:
         self._check_open()
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable first, not {type(fn).__name__}")
-        fn_payload, fn_digest = serialize.dumps_function(fn)
-        (frames, meta), refs = collect_refs(
-            lambda: serialize.dumps_call(fn, args, kwargs, shm=self._shm_ok))
+        fn_payload, fn_digest, name = encode_function(fn)
+        tid = next(self._tids)
+        future = Future(tid, self)
+        future._task_key = task_key(self.cid, tid)
+        try:
+            (frames, meta), refs = collect_refs(
+                lambda: serialize.dumps_call(fn, args, kwargs, shm=self._shm_ok), client=self)
+        except AlreadyFailed as failed:
+            collected_deps()
+            future.set_exception(already_failed(future.task_id, failed))
+            return future
+        deps = collected_deps()
+        if deps:
+            meta["dp"] = deps
+            future.add_done_callback(lambda _f, deps=deps: self._release_dependencies(deps))
         if kwargs:
             meta["kw"] = 1
+        if name is not None:
+            meta["fn"] = name
         if worker is not None:
             meta["to"] = worker
         if options:
             meta.update(options)
-        tid = next(self._tids)
+            if "rl" in options:  # the limit is per task name
+                meta["nm"] = name or serialize.task_name(fn)
         if "sb" in meta:
             meta["h"] = self._host
             self._segments[tid] = serialize.segment_names(meta)
-        self._warn_if_large(fn, fn_digest, frames, meta)
-        future = Future(tid, self)
+        self._warn_if_large(fn, fn_digest or name, frames, meta)
         self._pending[tid] = future
         self._post((Kind.SUBMIT, tid, fn_digest, fn_payload, refs, frames, meta))
         return future
@@ -176,7 +227,8 @@ class Client:
             timeout: Optional[float] = None, progress: Optional[bool] = None,
             key: Optional[str] = None, retries: int = 0,
             task_timeout: Optional[float] = None,
-            keep_inputs: Optional[bool] = None) -> "MapResult":
+            keep_inputs: Optional[bool] = None, queue: Optional[str] = None,
+            priority: int = 0, resources: Any = None) -> "MapResult":
         """Apply ``fn`` to every item (several iterables are zipped, like ``map``).
 
         Items go in batches sized from measured task time unless ``batch_size``
@@ -190,6 +242,7 @@ class Client:
         - ``key``: name the fan-out; the broker keeps its results, so after a
           kernel restart the same call returns finished items at once and runs
           only the rest (see :meth:`results`).
+        - ``queue``, ``priority``, ``resources``: as for :meth:`submit`, per batch.
         - ``progress=False`` turns off the live display a notebook shows.
         - ``keep_inputs``: keep each item for :meth:`MapResult.to_frame`; the
           default keeps them for lists and ranges, not for generators, whose
@@ -203,7 +256,9 @@ class Client:
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a string, not {type(key).__name__}")
         result = MapResult(self, fn, iterables, batch_size, timeout, key=key,
-                           options=_task_options(retries, task_timeout), keep_inputs=keep_inputs)
+                           options=task_options(retries, task_timeout, queue=queue,
+                                                priority=priority, resources=resources),
+                           keep_inputs=keep_inputs)
         result.progress = progress
         return result
 
@@ -477,11 +532,13 @@ class Client:
         A leader leaves ``close`` to the IO thread and stops leading.
         """
         if self._woken:
-            self._woken = False
+            # Read, then clear: the other order can leave the flag set with the
+            # pipe empty, and a later command would wait for the poll to time out.
             try:
                 os.read(self._wake_r, 4096)
             except (BlockingIOError, OSError):
                 pass
+            self._woken = False
         commands = self._commands
         entries: list = []
         objects: list = []
@@ -492,11 +549,14 @@ class Client:
             kind = cmd[0]
             if kind == Kind.SUBMIT:
                 _, tid, fn_digest, fn_payload, refs, parts, meta = cmd
-                if fn_digest not in self._sent_objects:
-                    self._sent_objects.add(fn_digest)
-                    objects.append([fn_digest, 1])
-                    frames.append(fn_payload)
-                entries.append([tid, [fn_digest, *refs], len(parts), meta])
+                if fn_digest is None:  # a task sent by name
+                    entries.append([tid, refs, len(parts), meta])
+                else:
+                    if fn_digest not in self._sent_objects:
+                        self._sent_objects.add(fn_digest)
+                        objects.append([fn_digest, 1])
+                        frames.append(fn_payload)
+                    entries.append([tid, [fn_digest, *refs], len(parts), meta])
                 unit_frames.extend(parts)
                 if len(entries) >= 4096:
                     self._send_submit(sock, entries, objects, frames + unit_frames)
@@ -516,6 +576,11 @@ class Client:
                 self._send(sock, Kind.ATTACH, {"key": cmd[1], "drop": cmd[2], "rq": cmd[3]})
             elif kind == Kind.WORKER_LOST:
                 self._send(sock, Kind.WORKER_LOST, {"name": cmd[1], "why": cmd[2]})
+            elif kind == "ask":
+                _, ask_kind, fields, parts, rq = cmd
+                self._send(sock, ask_kind, dict(fields, rq=rq), parts)
+            elif kind == "dep-failed":
+                self._send(sock, Kind.SCATTER, {"failed": [cmd[1], cmd[2]]})
             elif kind == "close":
                 if leader:
                     commands.appendleft(cmd)
@@ -529,7 +594,7 @@ class Client:
         return True
 
     def _send_submit(self, sock, entries: list, objects: list, frames: list) -> None:
-        fields = {"u": entries}
+        fields = {"u": entries, "cid": self.cid}
         if objects:
             fields["ob"] = objects
         self._send(sock, Kind.SUBMIT, fields, frames)
@@ -556,7 +621,7 @@ class Client:
                 waiter = self._replies.get(msg.header.get("rq"))
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg.header["t"])
-            elif kind == Kind.ATTACHED:
+            elif kind == Kind.ATTACHED or kind == Kind.REPLY:
                 waiter = self._replies.get(msg.header.get("rq"))
                 if waiter is not None and not waiter.done():
                     waiter.set_result((msg.header, msg.frames))
@@ -573,6 +638,10 @@ class Client:
                     waiter = self._status_waiters.popleft()
                     if not waiter.done():
                         waiter.set_result(msg.header)
+            elif kind == Kind.NOTICE:
+                logger.warning("broker: %s", msg.header.get("msg", ""))
+            elif kind == Kind.NEED:
+                self._send_dependency(msg.header.get("key"))
             elif kind == Kind.ERROR and msg.header.get("stale"):
                 # Our request named an earlier run of the broker: it restarted.
                 self._check_session(msg.header.get("session"))
@@ -695,6 +764,92 @@ class Client:
             pos += n
         return done, header["running"]
 
+    # ------------------------------------------------------------ dependencies
+    def _hold_dependency(self, key: bytes, future: Future) -> None:
+        """A task being submitted takes ``future``: keep it until that task is done."""
+        entry = self._dependencies.get(key)
+        if entry is None:
+            self._dependencies[key] = [future, 1]
+        else:
+            entry[1] += 1
+
+    def _release_dependencies(self, keys: list) -> None:
+        for key in keys:
+            entry = self._dependencies.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._dependencies[key]
+
+    def _send_dependency(self, key) -> None:
+        """The broker cannot reach a dependency's value (it came back in shared
+        memory): send it, once it is here, as an object under the task's key."""
+        if not isinstance(key, bytes):
+            return
+        entry = self._dependencies.get(key)
+        if entry is None:
+            self._post(("dep-failed", key, "is no longer known to its client"))
+            return
+
+        def send(future: Future) -> None:
+            if future.cancelled():
+                self._post(("dep-failed", key, "was cancelled"))
+                return
+            exc = future.exception()
+            if exc is not None:
+                self._post(("dep-failed", key, f"raised {type(exc).__name__}: {exc}"))
+                return
+            try:
+                frames, _ = serialize.dumps(future.result())
+            except Exception as err:
+                self._post(("dep-failed", key, f"returned a value that cannot be sent ({err})"))
+                return
+            self._post((Kind.SCATTER, key, frames))
+
+        entry[0].add_done_callback(send)
+
+    def _status_of(self, future: Future) -> str:
+        """A pending task's state, asked of the broker (see Future.status)."""
+        if isinstance(future.key, int):
+            fields = {"t": [future.key]}
+        elif future._task_key is not None:
+            fields = {"k": [future._task_key]}
+        else:
+            return "pending"
+        header, _ = self._ask(Kind.TASK_INFO, fields)
+        state = header["s"][0]
+        if future.done():  # it finished while we asked
+            return future.status
+        return "running" if state in ("unknown", "done", "failed") else state
+
+    def future(self, task_id: str) -> Future:
+        """A :class:`Future` of any task by its id, also one another client
+        submitted, or one submitted before a kernel restart (while its result
+        is kept: see ``shoal broker --result-ttl``)."""
+        self._check_open()
+        key = parse_task_id(task_id)
+        tid = next(self._tids)
+        future = Future(tid, self)
+        future._task_key = key
+        self._pending[tid] = future
+        self._post(("ask", Kind.FETCH, {"key": key, "t": tid}, [], None))
+        return future
+
+    def result(self, task_id: str, timeout: Optional[float] = None) -> Any:
+        """The result of any task by its id (see :meth:`future`); raises its error."""
+        return self.future(task_id).result(timeout)
+
+    def _ask(self, kind: str, fields: Optional[dict] = None, frames: list = (),
+             timeout: float = 10.0) -> tuple:
+        """Send a request of ``kind``; return the broker's REPLY ``(header, frames)``.
+
+        Raises BrokerError with the broker's words when it refuses.
+        """
+        header, frames = self._request(("ask", kind, fields or {}, list(frames)), timeout)
+        if "error" in header:
+            raise BrokerError(header["error"])
+        return header, frames
+
     def _request(self, command: tuple, timeout: float):
         """Send a request that the broker answers by id; return its answer."""
         request = next(self._tids)
@@ -704,20 +859,6 @@ class Client:
             return reply.result(timeout)
         finally:
             self._replies.pop(request, None)
-
-
-def _task_options(retries: int, timeout: Optional[float]) -> dict:
-    """Per-task options as they travel in a unit's metadata."""
-    options = {}
-    if retries:
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
-        options["rty"] = retries
-    if timeout is not None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        options["tmo"] = float(timeout)
-    return options
 
 
 def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable = ()) -> None:
@@ -747,8 +888,30 @@ def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable
         if isinstance(target, _Batch) and target.map.split(target):
             return  # its items rerun one by one; only one that kills again fails
         target.set_exception(WorkerLost(target.key, meta.get("lost", [])))
+    elif status == "dep":
+        target.set_exception(_dependency_failed(target, meta))
+    elif status == "berr":
+        target.set_exception(BrokerError(str(meta.get("msg", "the broker refused the task"))))
     else:
         target.set_exception(decode_exception(frames, meta.get("w", "")))
+
+
+def _dependency_failed(target: Future, meta: dict) -> DependencyFailed:
+    """DependencyFailed for ``target``, caused by the dependency's own error when known."""
+    dependency = str(meta.get("dep", "?"))
+    error = DependencyFailed(target.task_id, dependency, str(meta.get("why", "failed")),
+                             meta.get("root"), meta.get("rwhy"))
+    client = target._client
+    if client is not None:
+        try:
+            key = parse_task_id(str(meta.get("root", dependency)))
+        except ValueError:
+            key = None
+        entry = client._dependencies.get(key) if key else None
+        if entry is not None and entry[0].done() and not entry[0].cancelled():
+            cause = entry[0].exception()
+            error.__cause__ = cause.__cause__ if isinstance(cause, DependencyFailed) else cause
+    return error
 
 
 def cf_cancel(future) -> bool:

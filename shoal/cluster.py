@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Optional
+from typing import Any, Optional
 
 from .client import Client
 from .broker import is_loopback
@@ -44,12 +44,18 @@ class Cluster:
 
     ``n_workers`` defaults to one per CPU core.  ``cluster.address`` and
     ``cluster.connection_file`` tell remote workers where to join.
+    ``queues``, ``resources``, ``imports`` and ``registered_only`` apply to
+    every worker (as ``shoal worker --queues``, ``--resources``, ``--import``,
+    ``--registered-only``); :meth:`add_workers` starts differently equipped
+    ones beside them.
     """
 
     def __init__(self, n_workers: Optional[int] = None, slots: int = 1,
                  listen: str = "127.0.0.1:0", timeout: float = 30.0,
                  log_level: str = "INFO", restart: bool = True,
-                 allowed_failures: int = 3, max_result_size: Optional[int] = None) -> None:
+                 allowed_failures: int = 3, max_result_size: Optional[int] = None,
+                 queues: Optional[list] = None, resources: Any = None,
+                 imports: Optional[list] = None, registered_only: bool = False) -> None:
         if n_workers is None:
             n_workers = os.cpu_count() or 1
         if n_workers < 0:
@@ -61,6 +67,9 @@ class Cluster:
         self.log_level = log_level
         self.allowed_failures = allowed_failures
         self.max_result_size = max_result_size
+        self._default_options = _worker_options(queues=queues, resources=resources,
+                                                imports=imports, registered_only=registered_only)
+        self._options: dict[int, list] = {}  # worker pid -> its own options (kept on restart)
         self.log_dir = runtime_dir() / f"cluster-{os.getpid()}-{id(self):x}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._workers: list[subprocess.Popen] = []
@@ -118,20 +127,47 @@ class Cluster:
         if not local:
             self._worker_target = ["--connection-file", self.connection_file]
 
-    def _start_worker(self) -> subprocess.Popen:
-        self._worker_seq += 1
-        name = f"local-{self._worker_seq}"
+    def _start_worker(self, options: Optional[list] = None,
+                      name: Optional[str] = None) -> subprocess.Popen:
+        if name is None:
+            self._worker_seq += 1
+            name = f"local-{self._worker_seq}"
+        if options is None:
+            options = self._default_options
         extra = [] if self.max_result_size is None else ["--max-result-size",
                                                          str(self.max_result_size)]
+        if "--slots" not in options:
+            extra += ["--slots", str(self.slots)]
         with self._log(name) as log:
             proc = subprocess.Popen(
-                _python_command("shoal.worker", *self._worker_target,
-                                "--slots", str(self.slots), "--name", name,
+                _python_command("shoal.worker", *self._worker_target, "--name", name,
                                 "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
-                                *extra),
+                                *extra, *options),
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         self._names[proc.pid] = name
+        self._options[proc.pid] = options
         return proc
+
+    def add_workers(self, n: int = 1, *, queues: Optional[list] = None, resources: Any = None,
+                    slots: Optional[int] = None, imports: Optional[list] = None,
+                    registered_only: bool = False) -> list:
+        """Start ``n`` more local workers with their own queues, resources or slots;
+        return their names once the broker sees them.
+
+        >>> cluster.add_workers(1, queues=["gpu"], resources={"gpu": 1})
+        ['local-3']
+        """
+        if n < 1:
+            raise ValueError(f"add_workers needs n of at least 1, not {n}")
+        options = _worker_options(queues=queues, resources=resources, slots=slots,
+                                  imports=imports, registered_only=registered_only)
+        with self._lock:
+            self._check_open()
+            self._workers = [p for p in self._workers if p.poll() is None]
+            new = [self._start_worker(options) for _ in range(n)]
+            self._workers.extend(new)
+            self._wait_for(len(self._workers))
+        return [self._names[p.pid] for p in new]
 
     def _watch(self) -> None:
         """Notice local workers that die: tell the broker now, and start replacements."""
@@ -144,6 +180,7 @@ class Cluster:
                 for proc in dead:
                     self._workers.remove(proc)
                     name = self._names.pop(proc.pid, f"pid {proc.pid}")
+                    options = self._options.pop(proc.pid, None)
                     why = describe_exit(proc.returncode)
                     self._client._report_lost(name, why)
                     if not self.restart:
@@ -157,7 +194,7 @@ class Cluster:
                         logger.error("local worker %s %s right after starting, five times in a "
                                      "row; not starting another (see %s)", name, why, self.log_dir)
                         continue
-                    replacement = self._start_worker()
+                    replacement = self._start_worker(options)
                     self._workers.append(replacement)
                     logger.warning("local worker %s %s; started %s in its place", name, why,
                                    self._names[replacement.pid])
@@ -185,6 +222,7 @@ class Cluster:
             self._workers = self._workers[:n]
             for proc in surplus:
                 self._names.pop(proc.pid, None)
+                self._options.pop(proc.pid, None)
                 proc.terminate()
             _reap(surplus, 5.0)
             self._wait_for(n)
@@ -256,6 +294,34 @@ class Cluster:
     def _repr_html_(self) -> str:
         return (f"<b>shoal.Cluster</b> at <code>{getattr(self, 'address', '?')}</code>: "
                 f"{len(self.workers)} workers, {self.slots} slot(s) each")
+
+
+def _worker_options(queues: Optional[list] = None, resources: Any = None,
+                    slots: Optional[int] = None, imports: Optional[list] = None,
+                    registered_only: bool = False) -> list:
+    """``shoal worker`` options for these settings, checked here rather than in the child."""
+    from .routing import parse_resources
+    options = []
+    if queues:
+        if isinstance(queues, str):
+            queues = [queues]
+        for queue in queues:
+            if not isinstance(queue, str) or not queue or "," in queue:
+                raise ValueError(f"queue names must be non-empty strings without commas, "
+                                 f"not {queue!r}")
+        options += ["--queues", ",".join(queues)]
+    if resources:
+        parsed = parse_resources(resources)
+        options += ["--resources", ",".join(f"{k}={v:g}" for k, v in sorted(parsed.items()))]
+    if slots is not None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, not {slots}")
+        options += ["--slots", str(slots)]
+    for module in imports or ():
+        options += ["--import", module]
+    if registered_only:
+        options.append("--registered-only")
+    return options
 
 
 def describe_exit(returncode: int) -> str:

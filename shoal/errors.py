@@ -72,6 +72,60 @@ class WorkerLost(ShoalError):
         return type(self), (self.task, self.failures)
 
 
+class Retry(ShoalError):
+    """Raise inside a task to have it run again later, on any worker::
+
+        def fetch(url):
+            try:
+                return download(url)
+            except ConnectionError as exc:
+                raise shoal.Retry(delay=30) from exc
+
+    ``delay`` is in seconds (default: the task's ``retry_backoff``, else at
+    once); the broker holds the task meanwhile and its worker serves others.
+    It counts against the task's ``retries`` (or ``max_retries`` here; 3 if
+    neither is given).  Once they are used up the task fails with the
+    exception this one was raised from, or with :class:`RetriesExhausted`.
+    """
+
+    def __init__(self, delay: "float | None" = None, max_retries: "int | None" = None) -> None:
+        if delay is not None and not delay >= 0:
+            raise ValueError(f"Retry delay must be a non-negative number of seconds, not {delay!r}")
+        super().__init__(f"the task asked to be retried{'' if delay is None else f' in {delay:g} s'}")
+        self.delay = delay
+        self.max_retries = max_retries
+
+    def __reduce__(self):
+        return type(self), (self.delay, self.max_retries)
+
+
+class RetriesExhausted(ShoalError):
+    """A task raised :class:`Retry` once more than it was allowed to."""
+
+
+class DependencyFailed(ShoalError):
+    """A task did not run because a future it takes as an argument failed.
+
+    ``task`` and ``dependency`` are task ids; ``reason`` says what happened to
+    the dependency; ``__cause__`` is the exception of the task that failed
+    when this client has it.  ``root`` is that task, further up a chain.
+    """
+
+    def __init__(self, task: "str | None", dependency: "str | None", reason: str,
+                 root: "str | None" = None, root_reason: "str | None" = None) -> None:
+        self.task = task
+        self.dependency = dependency
+        self.reason = reason
+        self.root = root or dependency
+        self.root_reason = root_reason or reason
+        super().__init__(
+            f"task {task or '(a map item)'} did not run: task {dependency or '(a map item)'}, "
+            f"whose result it takes as an argument, {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.task, self.dependency, self.reason, self.root, self.root_reason)
+
+
 class BrokerLost(ShoalError):
     """The broker stopped answering, or restarted, while tasks were in flight."""
 

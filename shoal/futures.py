@@ -71,6 +71,43 @@ class Future(cf.Future):
         self.stderr: str = ""
         self._client = client
         self._output_callbacks: list = []
+        #: how the broker names the task (see shoal.records.task_key); for a map
+        #: item, its batch's key and ``_item`` its place in the batch
+        self._task_key: Optional[bytes] = None
+        self._item: Optional[int] = None
+        self._batch: Optional["Future"] = None
+
+    @property
+    def task_id(self) -> Optional[str]:
+        """The task's id: any client can fetch its result with ``client.result(task_id)``.
+
+        None for a map's items (a keyed map is fetched with ``client.results(key)``).
+        """
+        if self._task_key is None or self._item is not None:
+            return None
+        from .records import task_id
+        return task_id(self._task_key)
+
+    @property
+    def status(self) -> str:
+        """``"queued"``, ``"waiting"`` (for the futures it takes), ``"scheduled"``,
+        ``"running"``, ``"retrying"``, ``"done"``, ``"failed"`` or ``"cancelled"``.
+
+        A pending task's state is asked of the broker (a round trip).
+        """
+        if self.cancelled():
+            return "cancelled"
+        if self.done():
+            return "failed" if self.exception() is not None else "done"
+        if self._client is None:
+            return "pending"
+        return self._client._status_of(self)
+
+    def __reduce__(self):
+        # Only as an argument of a task submitted to the same client: the task
+        # then waits for this one and receives its result (shoal.deps).
+        from .deps import reduce_future
+        return reduce_future(self)
 
     # -- output ----------------------------------------------------------------
     def add_output_callback(self, fn: Callable[[str, str], Any]) -> None:

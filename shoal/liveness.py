@@ -54,6 +54,7 @@ class Liveness:
         if self.workers.get(worker.ident) is not worker:
             return
         del self.workers[worker.ident]
+        self._workers_changed()
         logger.warning("worker %s lost (%s); %d task(s) it held go back to the queue",
                        worker.name, reason, len(worker.running))
         self.counts["workers_lost"] = self.counts.get("workers_lost", 0) + 1
@@ -69,9 +70,7 @@ class Liveness:
         for rid, request in list(self.cancels.items()):
             if worker.ident in request.workers:
                 self._cancel_answered(rid, worker.ident)
-        units = sorted((u for u in worker.running.values() if u.bid in self.tasks),
-                       key=lambda u: u.bid)
-        worker.running.clear()
+        units = sorted((u for u in worker.clear() if u.bid in self.tasks), key=lambda u: u.bid)
         # Charge the death only where the culprit is certain: a worker holding
         # one unit.  Holding several (prefetched, or results not yet flushed),
         # none is charged.  Either way each becomes a suspect that runs alone
@@ -99,9 +98,10 @@ class Liveness:
             self.tasks.pop(unit.bid, None)
             unit.state = "failed"
             self.counts["failed"] += 1
-            by_client.setdefault(unit.client, []).append(
-                [unit.tid, "lost", 0, {"lost": unit.failures, "w": unit.failures[-1][0]}])
+            meta = {"lost": unit.failures, "w": unit.failures[-1][0]}
+            by_client.setdefault(unit.client, []).append([unit.tid, "lost", 0, meta])
             self._keep_result(unit, "lost", [], {"lost": unit.failures})
+            self._settled(unit, "lost", [], meta)
         for client, entries in by_client.items():
             self._send(client, Kind.RESULTS, {"r": entries})
 
@@ -110,7 +110,7 @@ class Liveness:
         doomed: list[Unit] = []
         for unit in list(self.tasks.values()):
             if unit.meta.get("to") == worker.name and unit.state in (QUEUED, PARKED, RUNNING):
-                worker.running.pop(unit.bid, None)
+                worker.finish(unit.bid)
                 unit.failures.append([worker.name, why or "it left"])
                 doomed.append(unit)
         if doomed:

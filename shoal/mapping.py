@@ -12,6 +12,7 @@ from . import serialize
 from .errors import BrokerLost
 from .futures import Encoded, Future, attach_traceback
 from .protocol import Kind
+from .records import task_key
 from .refs import collect_refs
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class _Batch(Future):
         #: items of this batch that raised (their errors travel in the result)
         self.failed = 0
         self._inputs: Optional[list] = None
+        if isinstance(key, int) and key > 0:
+            self._task_key = task_key(client.cid, key)
 
     def _release(self) -> None:
         """Drop the values once a streaming iteration has passed them."""
@@ -100,7 +103,8 @@ class MapResult:
         self.failed_count = 0
         self.started = time.monotonic()
         if fn is not None:
-            self._fn_payload, self._fn_digest = serialize.dumps_function(fn)
+            from .tasks import encode_function
+            self._fn_payload, self._fn_digest, self._fn_name = encode_function(fn)
         self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
         self._feeder.start()
 
@@ -218,6 +222,8 @@ class MapResult:
             raise
         meta["m"] = 2 if self._star else 1
         meta["n"] = len(items)
+        if self._fn_name is not None:
+            meta["fn"] = self._fn_name
         meta.update(self._options)
         if self.key is not None:
             meta["k"], meta["ks"] = self.key, start
@@ -366,9 +372,25 @@ class MapResult:
                 self._item_futures = []
                 for batch in self._batches:
                     items = [Future((batch.key, i), self.client) for i in range(batch.count)]
+                    for i, item in enumerate(items):
+                        item._task_key, item._item, item._batch = batch._task_key, i, batch
                     self._item_futures.extend(items)
                     batch.add_done_callback(lambda b, items=items: _settle_items(b, items))
             return list(self._item_futures)
+
+    def _all_batches(self) -> list:
+        """Every batch, once the whole input has been sent."""
+        with self._cond:
+            while not self._exhausted:
+                self._cond.wait(1.0)
+            if self._feed_error is not None:
+                raise self._feed_error
+            return list(self._batches)
+
+    def __reduce__(self):
+        # Only as an argument of a task, which then receives the list of values.
+        from .deps import reduce_map
+        return reduce_map(self)
 
     @property
     def batches(self) -> list:

@@ -47,6 +47,12 @@ class Kind:
     CLIENT_BYE = "cb"
     WORKER_LOST = "wl"       # a local cluster saw a worker process exit
     ATTACH = "at"            # finished and running parts of a keyed map
+    TASK_INFO = "ti"         # the states of tasks (future.status)
+    FETCH = "fe"             # a task's result by id, now or when it finishes
+    LOCK = "lk"              # acquire or release a broker-held lock (clients and tasks)
+    SCHEDULE = "sch"         # create, list or cancel periodic tasks
+    WATCH = "wa"             # stream task and worker events to this socket
+    RESUME = "rsm"           # after a durable broker restarted: re-adopt these tasks
     # worker -> broker
     WORKER_HELLO = "wh"
     RESULTS = "res"          # one or more finished units
@@ -62,6 +68,11 @@ class Kind:
     ATTACHED = "atd"
     CANCELLED = "cd"         # task ids removed from the queue before running
     ERROR = "err"            # a request was refused; ``msg`` says why
+    NOTICE = "nt"            # something the user should know (``msg``); the client logs it
+    REPLY = "rp"             # the answer to a request, matched by ``rq``
+    EVENTS = "ev"            # task and worker events, to a socket that asked (WATCH)
+    ACK = "ack"              # a durable broker stored these submitted tasks
+    NEED = "nd"              # the broker asks a client for a dependency's value
 
     ALL = frozenset(
         v for k, v in vars().items() if k.isupper() and isinstance(v, str)

@@ -10,6 +10,10 @@ PREFETCH_SECONDS = 0.004
 MAX_PREFETCH = 64
 
 QUEUED, RUNNING, PARKED = "queued", "running", "parked"
+#: Waiting for the futures it takes as arguments; for its time (delay, at, a
+#: retry's back-off); for a rate limit's next token.
+WAITING, SCHEDULED, LIMITED = "waiting", "scheduled", "limited"
+DEFAULT_QUEUE = "default"
 
 
 @dataclass
@@ -28,6 +32,15 @@ class Unit:
     queued_at: float = 0.0
     failures: list = field(default_factory=list)  # [worker name, why] per worker lost running it
     suspect: bool = False  # held by a worker that died with others: runs alone from now on
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0  # higher runs first; FIFO within a queue and priority
+    resources: Optional[dict] = None  # abstract resources it holds while it runs
+    due: Optional[float] = None  # epoch seconds before which it must not run
+    key: bytes = b""  # see task_key: how others name it (results, dependencies)
+    watchers: Optional[list] = None  # [client ident, its task number]: also gets the result
+    dependents: Optional[list] = None  # units waiting for this one's result
+    waiting_on: Optional[set] = None  # keys of the units whose results this one waits for
+    admitted: bool = False  # given its rate limit's token while it waited for one
 
 
 @dataclass
@@ -54,6 +67,11 @@ class WorkerRecord:
     control: Optional[bytes] = None  # the worker's control socket (heartbeats, interrupts)
     reported: list = field(default_factory=list)  # units running at its last heartbeat
     alone: Optional[int] = None  # a suspect unit it runs with nothing beside it
+    queues: frozenset = frozenset({DEFAULT_QUEUE})
+    resources: dict = field(default_factory=dict)  # what it has, e.g. {"gpu": 1}
+    used: dict = field(default_factory=dict)  # what its running units hold
+    task_names: frozenset = frozenset()  # named tasks it has (shoal worker --import)
+    registered_only: bool = False  # runs named tasks of task_names only
 
     @property
     def prefetch(self) -> int:
@@ -64,6 +82,46 @@ class WorkerRecord:
     @property
     def capacity(self) -> int:
         return self.slots + self.prefetch - len(self.running)
+
+    def start(self, unit: Unit) -> None:
+        """``unit`` now runs here: it holds a slot and its resources."""
+        self.running[unit.bid] = unit
+        if unit.resources:
+            for name, amount in unit.resources.items():
+                self.used[name] = self.used.get(name, 0) + amount
+
+    def finish(self, bid: int) -> Optional[Unit]:
+        """Unit ``bid`` no longer runs here; return it (None if it was not running)."""
+        unit = self.running.pop(bid, None)
+        if unit is not None and unit.resources:
+            for name, amount in unit.resources.items():
+                self.used[name] = self.used.get(name, 0) - amount
+        return unit
+
+    def clear(self) -> list:
+        """Forget every running unit (the worker left); return them."""
+        units = list(self.running.values())
+        self.running.clear()
+        self.used.clear()
+        return units
+
+    def fits(self, needs: dict) -> bool:
+        """Whether ``needs`` fit in what is free here now."""
+        have, used = self.resources, self.used
+        return all(used.get(name, 0) + amount <= have.get(name, 0)
+                   for name, amount in needs.items())
+
+    def accepts(self, unit: Unit) -> bool:
+        """Whether this worker runs ``unit``'s function (see registered_only)."""
+        return not self.registered_only or unit.meta.get("fn") in self.task_names
+
+    def could_ever_run(self, unit: Unit) -> bool:
+        """Whether ``unit`` could run here once this worker is idle."""
+        if unit.queue not in self.queues or not self.accepts(unit):
+            return False
+        needs = unit.resources
+        return not needs or all(amount <= self.resources.get(name, 0)
+                                for name, amount in needs.items())
 
     def observe(self, seconds: float) -> None:
         self.mean_time = seconds if self.mean_time is None else 0.8 * self.mean_time + 0.2 * seconds
@@ -89,3 +147,35 @@ class ClientRecord:
     ident: bytes
     tasks: dict = field(default_factory=dict)  # client task id -> bid
     last_seen: float = 0.0
+    warned: set = field(default_factory=set)  # needs no worker met, already told
+    cid: bytes = b""  # the id it names its tasks with (task_key)
+
+
+# ---------------------------------------------------------------- task ids
+#: A task's key: "R", its client's 8-byte id, its number in that client (7 bytes).
+#: 16 bytes, like an object digest, so a finished task's result can travel to
+#: the tasks that take it as an argument the way scattered data does.
+_KEY_PREFIX = b"R"
+
+
+def task_key(cid: bytes, tid: int) -> bytes:
+    return _KEY_PREFIX + cid + tid.to_bytes(7, "big")
+
+
+def task_id(key: bytes) -> str:
+    """The id users see: ``"<client id>-<number>"``."""
+    return f"{key[1:9].hex()}-{int.from_bytes(key[9:], 'big')}"
+
+
+def parse_task_id(text: str) -> bytes:
+    """The key of a task id from :func:`task_id`; raises ValueError for anything else."""
+    if not isinstance(text, str):
+        raise TypeError(f"a task id is a string such as '9f86d081884c7d65-42', not {text!r}")
+    cid, sep, number = text.partition("-")
+    try:
+        if not sep or len(cid) != 16:
+            raise ValueError
+        return task_key(bytes.fromhex(cid), int(number))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{text!r} is not a shoal task id (they look like "
+                         "'9f86d081884c7d65-42'; see Future.task_id)") from None

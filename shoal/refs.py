@@ -13,8 +13,6 @@ from typing import Any, Callable
 _collecting = threading.local()
 
 
-
-
 class Ref:
     """A reference to data scattered to the workers; tasks receive the object itself.
 
@@ -40,11 +38,34 @@ class Ref:
         return f"<shoal.Ref {self.type_name} {self.nbytes} bytes {self.digest.hex()[:8]}>"
 
 
-def collect_refs(pickle: Callable[[], Any]) -> tuple[Any, list]:
+def collect_refs(pickle: Callable[[], Any], client: Any = None) -> tuple[Any, list]:
+    """Run ``pickle()`` noting the refs it pickles: ``(its value, refs)``.
+
+    With ``client``, futures of that client may be pickled too (a task that
+    takes them waits for their results); their keys are in ``deps()`` after.
+    """
     _collecting.refs = refs = []
+    _collecting.deps = [] if client is not None else None
+    _collecting.client = client
     try:
         return pickle(), refs
     finally:
         _collecting.refs = None
+        _collecting.client = None
+
+
+def collecting():
+    """``(client, refs, deps)`` while a task of ``client`` is being pickled, else None."""
+    client = getattr(_collecting, "client", None)
+    if client is None:
+        return None
+    return client, _collecting.refs, _collecting.deps
+
+
+def collected_deps() -> list:
+    """The keys of the futures the last :func:`collect_refs` pickled (in order, unique)."""
+    deps = getattr(_collecting, "deps", None) or []
+    _collecting.deps = None
+    return list(dict.fromkeys(deps))
 
 

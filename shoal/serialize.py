@@ -247,8 +247,8 @@ def dumps(obj: Any, shm: bool = False, hold: bool = True) -> tuple[list, dict]:
     return frames, ({"sb": placed} if placed else {})
 
 
-def loads(frames: Sequence, meta: dict | None = None) -> Any:
-    """Inverse of :func:`dumps`."""
+def loads(frames: Sequence, meta: dict | None = None, safe: bool = False) -> Any:
+    """Inverse of :func:`dumps`; ``safe`` builds plain data only (see shoal.tasks.safe_loads)."""
     placed = meta.get("sb") if meta else None
     inline = [memoryview(f) for f in frames[1:]]
     if placed:
@@ -264,6 +264,9 @@ def loads(frames: Sequence, meta: dict | None = None) -> Any:
                 buffers.append(next(it))
     else:
         buffers = inline
+    if safe:
+        from .tasks import safe_loads
+        return safe_loads(frames[0], buffers)
     return pickle.loads(frames[0], buffers=buffers)
 
 
@@ -322,6 +325,13 @@ def explain_call(fn: Callable, args: Sequence, kwargs: dict) -> str:
         if err is not None:
             return f"keyword argument {name!r} of type {_describe(value)} cannot be pickled ({err})"
     return ""
+
+
+def task_name(fn: Any) -> str:
+    """``module.qualname`` of a function: the name rate limits and events use."""
+    module = getattr(fn, "__module__", None)
+    name = fn_name(fn)
+    return f"{module}.{name}" if module and module != "builtins" else name
 
 
 def fn_name(fn: Any) -> str:

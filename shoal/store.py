@@ -92,3 +92,91 @@ class ResultStore:
 
     def summary(self) -> dict:
         return {"keys": len(self.runs), "bytes": self.nbytes}
+
+
+#: Results of single tasks are kept this long after they finish (``--result-ttl``)...
+RESULT_TTL = 24 * 3600.0
+#: ...and while all of them fit in this many bytes (``--result-memory``), oldest dropped first.
+RESULT_MAX_BYTES = 128 << 20
+
+
+@dataclass
+class KeptResult:
+    """A finished task's outcome as it travelled: status, frames, metadata."""
+
+    status: str
+    frames: list
+    meta: dict
+    digests: dict
+    nbytes: int
+    at: float  # time.time() it finished
+
+
+class TaskResults:
+    """Results of single tasks by task key, for ``client.result(task_id)`` and
+    for tasks that take a finished task's result as an argument.
+
+    Bounded by ``max_bytes`` (oldest first) and ``ttl`` seconds after each finished.
+    """
+
+    def __init__(self, max_bytes: int = RESULT_MAX_BYTES, ttl: float = RESULT_TTL) -> None:
+        from collections import OrderedDict
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._entries: "OrderedDict[bytes, KeptResult]" = OrderedDict()
+        self.nbytes = 0
+        self.expired = 0
+
+    def put(self, key: bytes, status: str, frames: list, meta: dict, digests: dict,
+            at: float = 0.0) -> list:
+        """Keep a result; return the keys of older ones dropped to make room.
+
+        A result over an eighth of ``max_bytes`` is not kept in memory (only
+        a broker with ``--store`` keeps such results).
+        """
+        size = sum(len(f) for f in frames) + 128
+        if size > self.max_bytes // 8:
+            return [key] if self.pop(key) is not None else []
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._entries[key] = KeptResult(status, list(frames), meta, digests, size,
+                                        at or time.time())
+        self.nbytes += size
+        gone = []
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            gone.append(self._evict_oldest())
+        return gone
+
+    def _evict_oldest(self) -> bytes:
+        key, entry = self._entries.popitem(last=False)
+        self.nbytes -= entry.nbytes
+        self.expired += 1
+        return key
+
+    def get(self, key: bytes) -> "KeptResult | None":
+        return self._entries.get(key)
+
+    def pop(self, key: bytes) -> "KeptResult | None":
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+    def expire(self, now: float = 0.0) -> list:
+        """Drop results older than the TTL; return their keys."""
+        now = now or time.time()
+        gone = []
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if now - entry.at <= self.ttl:
+                break
+            self._evict_oldest()
+            gone.append(key)
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def summary(self) -> dict:
+        return {"tasks": len(self._entries), "bytes": self.nbytes, "ttl_s": self.ttl}

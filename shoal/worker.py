@@ -11,9 +11,11 @@ Run it with ``shoal worker tcp://HOST:PORT`` or ``shoal worker --connection-file
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import heapq
+import itertools
 import logging
 import os
-import queue
 import secrets
 import signal
 import socket
@@ -26,11 +28,15 @@ from typing import Any, Optional
 
 import zmq
 
-from . import protocol, serialize
+from . import protocol, serialize, tasks
 from .capture import OutputRouter
 from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
-from .errors import RemoteError, ResultTooLarge, TaskTimeout
+from .errors import RemoteError, ResultTooLarge, RetriesExhausted, Retry, TaskTimeout
 from .protocol import Kind, ProtocolError
+from .records import DEFAULT_QUEUE
+from .options import RETRY_BACKOFF_MAX
+from .routing import parse_resources
+from .scheduling import backoff_delay
 from .security import (ConnectionInfo, apply_curve, find_local_broker, read_connection_file,
                        read_key_file)
 from .transport import recv_frames, send_frames
@@ -57,6 +63,8 @@ class ObjectStore:
         self._raw: dict[bytes, list] = {}
         self._decoded: dict[bytes, Any] = {}
         self._lock = threading.Lock()
+        #: build plain data only (a --registered-only worker; see shoal.tasks.safe_loads)
+        self.safe = False
 
     def add(self, digest: bytes, frames: list) -> None:
         self._raw[digest] = frames
@@ -75,7 +83,7 @@ class ObjectStore:
                     frames = self._raw.get(digest)
                     if frames is None:
                         raise LookupError(f"object {digest.hex()} was never sent to this worker")
-                    value = serialize.loads(frames)
+                    value = serialize.loads(frames, safe=self.safe)
                     self._decoded[digest] = value
         return value
 
@@ -93,11 +101,20 @@ def resolve_ref(digest: bytes) -> Any:
 
 
 def _remote_traceback(exc: BaseException) -> str:
-    # Drop the worker's own frame so the user's function is the first line shown.
+    # Drop the worker's own frames so the user's function is the first line shown.
     tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def describe(exc: BaseException) -> dict:
+    """``{"x": "ValueError: bad value"}``: a failed task's error in words, for the
+    broker (which never unpickles it) to tell dependents and event watchers."""
+    text = str(exc)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return {"x": f"{type(exc).__name__}: {text}" if text else type(exc).__name__}
 
 
 def encode_exception(exc: BaseException) -> list:
@@ -112,9 +129,18 @@ class Worker:
 
     def __init__(self, address: str, key: bytes, slots: int = 1, name: Optional[str] = None,
                  parent_pid: Optional[int] = None, max_result_size: int = MAX_RESULT_SIZE,
-                 curve: Optional[dict] = None) -> None:
+                 curve: Optional[dict] = None, queues: Optional[list] = None,
+                 resources: Optional[dict] = None, imports: Optional[list] = None,
+                 registered_only: bool = False) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
+        #: named tasks this worker has (its --import modules define them)
+        self.task_names = tasks.import_modules(imports or [])
+        self.registered_only = registered_only
+        store.safe = registered_only
+        #: the queues this worker takes tasks from, and the resources it offers
+        self.queues = list(queues) if queues else [DEFAULT_QUEUE]
+        self.resources = parse_resources(resources or {})
         self.address = address
         self.key = key
         self.slots = slots
@@ -138,7 +164,7 @@ class Worker:
         self.sock.connect(address)
         self.session = protocol.Session()
         self.guard = protocol.ReplayGuard()
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox = Backlog()  # for slot threads
         self.outbox: deque = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -149,7 +175,7 @@ class Worker:
         # One slot runs tasks inline on the socket thread: no thread hand-off on
         # the latency path.  More slots are threads fed through ``inbox``.
         self.inline = slots == 1
-        self.pending: deque = deque()
+        self.pending = Backlog()  # for the inline slot
         # Units received and not started, by id: a cancel removes them here.
         self.waiting: dict[int, tuple] = {}
         # Running units: the thread running each, its output, its deadline.
@@ -198,8 +224,17 @@ class Worker:
 
     def hello_fields(self) -> dict:
         """What this worker tells the broker when it registers."""
-        return {"name": self.name, "slots": self.slots, "host": self.host,
-                "pid": os.getpid(), "ctl": self.control.socket_id}
+        fields = {"name": self.name, "slots": self.slots, "host": self.host,
+                  "pid": os.getpid(), "ctl": self.control.socket_id}
+        if self.queues != [DEFAULT_QUEUE]:
+            fields["qs"] = self.queues
+        if self.resources:
+            fields["rs"] = self.resources
+        if self.task_names:
+            fields["tk"] = self.task_names
+        if self.registered_only:
+            fields["ro"] = 1
+        return fields
 
     def stop(self) -> None:
         self._stopping = True
@@ -248,11 +283,11 @@ class Worker:
             pos += n
         if header.get("fg"):
             store.forget(header["fg"])
-        put = self.pending.append if self.inline else self.inbox.put
+        put = self.pending.put if self.inline else self.inbox.put
         waiting = self.waiting
         for bid, refs, n, meta in header["u"]:
             waiting[bid] = (bid, refs, frames[pos:pos + n], meta)
-            put(bid)
+            put(bid, meta.get("pr", 0))
             pos += n
 
     # -- slots
@@ -278,7 +313,7 @@ class Worker:
         flushed = time.perf_counter()
         waiting = self.waiting
         while pending and not self._stopping:
-            unit = waiting.pop(pending.popleft(), None)
+            unit = waiting.pop(pending.pop(), None)
             if unit is not None:  # else cancelled before it started
                 outbox.append(self._run_unit(unit))
             if not pending:
@@ -290,11 +325,14 @@ class Worker:
 
     def _flush_results(self) -> None:
         if not self.inline:  # slot threads write a wake-up byte; inline needs none
-            self._woken = False
+            # Read the byte before clearing the flag: cleared first, a slot could set
+            # it and write between the two, and that byte, read here, would leave the
+            # flag set with the pipe empty, so later results would wait for ever.
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
+            self._woken = False
         entries, frames = [], []
         outbox = self.outbox
         while outbox:
@@ -312,7 +350,7 @@ class Worker:
             return unit[0], "cancelled", [], {}
 
     def _execute(self, bid: int, refs: list, frames: list, meta: dict) -> tuple:
-        reply_shm = "h" in meta
+        reply_shm = "h" in meta and not meta.get("ns")  # "ns": other tasks take the result
         started = time.time()
         thread = threading.get_ident()
         self.captures[bid] = (self.stdout.begin(), self.stderr.begin())
@@ -322,8 +360,8 @@ class Worker:
         self.running_now[bid] = thread
         elapsed = 0.0
         try:
-            fn = store.get(refs[0])
-            args = serialize.loads(frames, meta)
+            fn = self._function(refs, meta)
+            args = serialize.loads(frames, meta, safe=self.registered_only)
             kind = meta.get("m")
             start = time.perf_counter()
             if kind:
@@ -332,14 +370,7 @@ class Worker:
                 kwargs = {}
                 if meta.get("kw"):
                     args, kwargs = args
-                for attempt in range(meta.get("rty", 0), -1, -1):
-                    try:
-                        value = fn(*args, **kwargs)
-                        break
-                    except Exception:
-                        if not attempt:
-                            raise
-                        logger.info("task %d raised; %d retries left", bid, attempt)
+                value = self._call(bid, fn, args, kwargs, meta)
             elapsed = time.perf_counter() - start
             del args
             try:
@@ -351,17 +382,19 @@ class Worker:
                         fn, self._portable_batch(fn, value), reply_shm, check_size=False)
                     status = "ok"
                 else:
-                    out_frames, shm_meta, status = encode_exception(exc), {}, "err"
+                    out_frames, shm_meta, status = encode_exception(exc), describe(exc), "err"
+        except _RetryLater as later:
+            out_frames, shm_meta, status = [], {"dl": later.delay, "att": later.attempt}, "retry"
         except CancelInterrupt:
             out_frames, shm_meta, status = [], {}, "cancelled"
         except TimeoutInterrupt:
             err = TaskTimeout(f"the task ran past its timeout of {timeout:g} s on worker "
                               f"{self.name} and was stopped", timeout)
-            out_frames, shm_meta, status = encode_exception(err), {}, "err"
+            out_frames, shm_meta, status = encode_exception(err), describe(err), "err"
         except BaseException as exc:  # the task's own failure, reported, never fatal here
             if elapsed == 0.0 and "start" in locals():
                 elapsed = time.perf_counter() - start
-            out_frames, shm_meta, status = encode_exception(exc), {}, "err"
+            out_frames, shm_meta, status = encode_exception(exc), describe(exc), "err"
         finally:
             # First of all, so a late interrupt no longer targets this unit.
             self.running_now.pop(bid, None)
@@ -427,6 +460,59 @@ class Worker:
                     f"over this worker's maximum of {self.max_result_size:,}"))
         return values, errors
 
+    def _function(self, refs: list, meta: dict):
+        """The unit's function: a named task, or the pickled one it refers to."""
+        name = meta.get("fn")
+        if name is not None:
+            return tasks.lookup(name, allow_import=not self.registered_only)
+        if self.registered_only:
+            raise tasks.RefusedPickle(
+                f"worker {self.name} runs registered tasks only (shoal worker "
+                "--registered-only) and refuses pickled code; submit a task by name, e.g. "
+                "client.submit('pkg.tasks.resize', path), from a module this worker imports "
+                f"(--import; it has: {', '.join(sorted(tasks.registry)) or 'none'})")
+        return store.get(refs[0])
+
+    def _call(self, bid: int, fn, args, kwargs: dict, meta: dict) -> Any:
+        """``fn(*args, **kwargs)`` under the unit's retry policy.
+
+        Without back-off a failed try runs again here at once.  With back-off,
+        or when the task raises :class:`shoal.Retry`, _RetryLater hands the
+        unit back to the broker, which holds it for the delay while this slot
+        serves other work.
+        """
+        retries = meta.get("rty", 0)
+        attempt = meta.get("att", 0)  # tries made before this run
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Retry as request:
+                limit = request.max_retries if request.max_retries is not None else (retries or 3)
+                if attempt >= limit:
+                    if isinstance(request.__cause__, Exception):
+                        raise request.__cause__ from None
+                    raise RetriesExhausted(
+                        f"{serialize.fn_name(fn)!r} asked to be retried after {attempt} "
+                        f"retries, its limit; pass retries=N to submit, or "
+                        f"shoal.Retry(max_retries=N), to allow more") from None
+                delay = request.delay
+                if delay is None:
+                    delay = self._backoff(meta, attempt + 1) if "rb" in meta else 0.0
+                raise _RetryLater(delay, attempt + 1) from None
+            except Exception as exc:
+                if attempt >= retries or not _retries_on(exc, meta.get("ron")):
+                    raise
+                attempt += 1
+                if "rb" in meta:
+                    raise _RetryLater(self._backoff(meta, attempt), attempt) from None
+                logger.info("task %d raised %s; retry %d of %d", bid, type(exc).__name__,
+                            attempt, retries)
+
+    @staticmethod
+    def _backoff(meta: dict, attempt: int) -> float:
+        return backoff_delay(meta["rb"], attempt, meta.get("rbm", RETRY_BACKOFF_MAX),
+                             jitter=bool(meta.get("rj", 1)))
+
     def _run_batch(self, bid: int, fn, items: list, star: bool, meta: dict) -> tuple:
         """Run ``fn`` over a batch: ``(values, {index: (exception, traceback)})``.
 
@@ -466,6 +552,62 @@ class Worker:
         return values, errors
 
 
+class Backlog:
+    """Units received and not started: higher priorities first, FIFO within one.
+
+    Units the broker sent ahead (prefetch) wait here; a unit of higher
+    priority that arrives later still starts before them.  Priority 0, the
+    common case, is a plain deque.
+    """
+
+    def __init__(self) -> None:
+        self._fifo: deque = deque()      # priority 0
+        self._ranked: list = []          # (-priority, arrival, bid), others
+        self._arrivals = itertools.count()
+        self._ready = threading.Condition(threading.Lock())
+
+    def put(self, bid: Optional[int], priority: int = 0) -> None:
+        with self._ready:
+            if priority:
+                heapq.heappush(self._ranked, (-priority, next(self._arrivals), bid))
+            else:
+                self._fifo.append(bid)
+            self._ready.notify()
+
+    def pop(self) -> Optional[int]:
+        """The next unit; IndexError if there is none."""
+        ranked = self._ranked
+        if ranked and (ranked[0][0] < 0 or not self._fifo):
+            return heapq.heappop(ranked)[2]
+        return self._fifo.popleft()
+
+    def get(self) -> Optional[int]:
+        """The next unit, waiting for one (slot threads)."""
+        with self._ready:
+            while not (self._fifo or self._ranked):
+                self._ready.wait()
+            return self.pop()
+
+    def __bool__(self) -> bool:
+        return bool(self._fifo) or bool(self._ranked)
+
+
+class _RetryLater(Exception):
+    """Hand a unit back to the broker to run again after ``delay`` seconds."""
+
+    def __init__(self, delay: float, attempt: int) -> None:
+        super().__init__(delay)
+        self.delay = float(delay)
+        self.attempt = attempt
+
+
+def _retries_on(exc: BaseException, names: Optional[list]) -> bool:
+    """Whether ``exc`` is one of the classes ``retry_on`` named (all, if none named)."""
+    if not names:
+        return True
+    return any(f"{cls.__module__}.{cls.__qualname__}" in names for cls in type(exc).__mro__)
+
+
 def _portable(exc: BaseException) -> tuple:
     """An exception and its traceback text; RemoteError stands in for one that
     does not survive a pickle round trip (so it cannot spoil a batch's results)."""
@@ -484,6 +626,18 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--key-file", help="file holding the cluster key (with ADDRESS)")
     parser.add_argument("--slots", type=int, default=1, help="tasks run at once (threads; default 1)")
     parser.add_argument("--name", help="worker name shown in status (default HOST-PID)")
+    parser.add_argument("--queues", default=DEFAULT_QUEUE,
+                        help="comma-separated queues to take tasks from (default: %(default)s); "
+                             "list 'default' too to serve tasks submitted without a queue")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import this module (its @shoal.task functions "
+                        "can then be sent by name); repeat it or separate modules by commas")
+    parser.add_argument("--registered-only", action="store_true",
+                        help="run only named tasks of the --import modules, refuse pickled code "
+                             "and take only plain data as arguments (for shared workers)")
+    parser.add_argument("--resources", default="",
+                        help="abstract resources this worker offers, e.g. gpu=1,mem=64; a task "
+                             "submitted with resources={'gpu': 1} holds them while it runs")
     parser.add_argument("--max-result-size", type=int, default=MAX_RESULT_SIZE,
                         help="largest result in bytes a task may return (default 1 GiB)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
@@ -493,6 +647,17 @@ def main(argv: Optional[list] = None) -> int:
                         format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
     if args.address and "://" not in args.address:
         args.address = f"tcp://{args.address}"
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    try:
+        resources = parse_resources(args.resources)
+    except ValueError as exc:
+        parser.error(f"--resources: {exc}")
+    if not queues:
+        parser.error("--queues needs at least one queue name")
+    imports = [m.strip() for arg in args.imports for m in arg.split(",") if m.strip()]
+    if args.registered_only and not imports:
+        parser.error("--registered-only runs named tasks only: give the modules that define "
+                     "them with --import MODULE")
     curve = None
     try:
         if args.connection_file:
@@ -512,10 +677,18 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     if "://" not in address:
         address = f"tcp://{address}"
-    worker = Worker(address, key, slots=args.slots, name=args.name, parent_pid=args.parent_pid,
-                    max_result_size=args.max_result_size, curve=curve)
+    try:
+        worker = Worker(address, key, slots=args.slots, name=args.name,
+                        parent_pid=args.parent_pid, max_result_size=args.max_result_size,
+                        curve=curve, queues=queues, resources=resources, imports=imports,
+                        registered_only=args.registered_only)
+    except ImportError as exc:
+        print(f"shoal worker: --import: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    # `kill -USR1 <pid>` writes every thread's stack to the log: what is it doing?
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
     worker.run()
     return 0

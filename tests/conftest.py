@@ -8,6 +8,7 @@ there too, so every child process runs the same ``shoal`` as the tests.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -137,6 +138,17 @@ def client(cluster):
     c = cluster.client()
     yield c
     c.close()
+
+
+@contextlib.contextmanager
+def running_cluster(**kwargs):
+    """A local cluster of its own; every process it started is gone afterwards."""
+    kwargs.setdefault("timeout", 30)
+    with shoal.Cluster(**kwargs) as c:
+        yield c
+        _seen_pids.update(cluster_pids(c))
+        pids = cluster_pids(c)
+    wait_until(lambda: pids_gone(pids), 15, message="the cluster's processes to exit")
 
 
 @pytest.fixture
