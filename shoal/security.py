@@ -19,6 +19,9 @@ from typing import Optional
 from .protocol import PROTOCOL_VERSION
 
 KEY_BYTES = 32
+#: Connection files of these protocol versions hold the same fields (version 2
+#: changed only how messages are signed), so files made before an upgrade still work.
+READABLE_VERSIONS = frozenset({1, PROTOCOL_VERSION})
 
 
 def new_key() -> bytes:
@@ -101,7 +104,7 @@ def read_connection_file(path: str | os.PathLike) -> ConnectionInfo:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"connection file {path} lacks a valid 'address' or 'key' ({exc})") from None
     version = data.get("version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if not isinstance(version, int) or version not in READABLE_VERSIONS:
         raise ValueError(
             f"connection file {path} is for shoal protocol {version}, this is {PROTOCOL_VERSION}")
     curve = data.get("curve")
