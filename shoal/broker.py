@@ -55,6 +55,20 @@ _COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 _SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST})
 
 
+def _identity(header: dict, name: str, default):
+    """The socket identity that header field ``name`` holds, or ``default`` without one.
+
+    Peers name their other sockets by identity (``rt``: a client's receiving
+    socket, ``wid``/``ctl``: a worker's main and control sockets), and the broker
+    later routes to them; anything but 1 to 255 bytes (ZeroMQ's routing ids)
+    is refused here, as a malformed message, not when a send fails.
+    """
+    value = header.get(name, default)
+    if value is not default and (type(value) is not bytes or not 1 <= len(value) <= 255):
+        raise ValueError(f"header field {name!r} is not a socket identity: {value!r:.40}")
+    return value
+
+
 class Broker(Liveness):
     """A shoal broker bound to ``listen`` (``tcp://127.0.0.1:0`` picks a free port).
 
@@ -318,7 +332,7 @@ class Broker(Liveness):
 
     def _on_submit(self, ident: bytes, msg: protocol.Message) -> None:
         frames, header = msg.frames, msg.header
-        ident = header.get("rt", ident)  # results go to the client's receiving socket
+        ident = _identity(header, "rt", ident)  # results go to the client's receiving socket
         client = self._client(ident)
         pos = self._store_objects(ident, msg)
         now = time.monotonic()
@@ -359,14 +373,14 @@ class Broker(Liveness):
                            f"within {PARK_SECONDS:g} s (was the broker restarted?)", "t": tids})
 
     def _on_scatter(self, ident: bytes, msg: protocol.Message) -> None:
-        ident = msg.header.get("rt", ident)
+        ident = _identity(msg.header, "rt", ident)
         self._client(ident)
         self._store_objects(ident, msg)
 
     def _on_cancel(self, ident: bytes, msg: protocol.Message) -> None:
         """Withdraw tasks not yet started: queued here, or prefetched by a worker."""
         header = msg.header
-        ident = header.get("rt", ident)
+        ident = _identity(header, "rt", ident)
         client = self._client(ident)
         request = CancelRequest(ident, header.get("rq"), time.monotonic())
         running_too = bool(header.get("r", True))
@@ -479,7 +493,8 @@ class Broker(Liveness):
         h = msg.header
         # A worker re-registering after a broker restart says hello from its
         # control socket, naming its main socket (``wid``), where tasks go.
-        ident = h.get("wid", ident)
+        ident = _identity(h, "wid", ident)
+        control = _identity(h, "ctl", None)
         slots = h.get("slots", 1)
         if not isinstance(slots, int) or not 1 <= slots <= 100_000:
             raise ValueError(f"worker announced {slots!r} slots")
@@ -494,7 +509,7 @@ class Broker(Liveness):
             self._requeue(old)  # it restarted its session: what it held never ran
         self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
                                            int(h.get("pid", 0)), last_seen=time.monotonic(),
-                                           control=h.get("ctl"))
+                                           control=control)
         logger.info("worker %s joined with %d slot(s)", name, slots)
         self._send(ident, Kind.WELCOME, {"name": name})
 
@@ -507,7 +522,7 @@ class Broker(Liveness):
 
     def _worker_of(self, ident: bytes, header: dict) -> Optional[WorkerRecord]:
         """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
-        worker = self.workers.get(header.get("wid", ident))
+        worker = self.workers.get(_identity(header, "wid", ident))
         if worker is not None and ident not in (worker.ident, worker.control):
             return None  # a control message must come from that worker's control socket
         return worker
@@ -522,7 +537,7 @@ class Broker(Liveness):
         worker = self._worker_of(ident, header)
         if worker is not None:
             self._note_heartbeat(worker, header)
-        elif header["wid"] not in self.workers:
+        elif _identity(header, "wid", None) not in self.workers:
             # A worker this broker does not know (it restarted): ask it to register.
             self._send(ident, Kind.WELCOME, {"rehello": True})
 

@@ -264,7 +264,7 @@ def test_broker_drops_messages_with_huge_frame_counts(fuzz_broker, peer):
     _serves(fuzz_broker)
 
 
-IDENT_FIELDS = ("wid", "rt", "ctl")  # a non-bytes identity is pinned by an xfail test below
+IDENT_FIELDS = ("wid", "rt", "ctl")  # socket identities: mostly bytes, sometimes not
 FIELDS = ("u", "ob", "t", "r", "b", "i", "rq", "slots", "name", "pid", "host", "running",
           "key", "drop", "to", "msg", "session", "o", "e", "why", "bd", "stale", "x")
 unit_entry = st.tuples(st.one_of(st.integers(-5, 2 ** 40), values),
@@ -273,7 +273,7 @@ unit_entry = st.tuples(st.one_of(st.integers(-5, 2 ** 40), values),
                        st.dictionaries(st.sampled_from(["to", "k", "ks", "n", "x"]), values,
                                        max_size=3)).map(list)
 field_values = {name: values for name in FIELDS}
-field_values.update({name: st.binary(max_size=17) for name in IDENT_FIELDS})
+field_values.update({name: st.one_of(st.binary(max_size=17), values) for name in IDENT_FIELDS})
 field_values["u"] = st.one_of(values, st.lists(unit_entry, max_size=3))
 field_values["r"] = st.one_of(values, st.lists(unit_entry, max_size=3))
 field_values["ob"] = st.one_of(values, st.lists(st.tuples(st.binary(min_size=16, max_size=16),
@@ -315,24 +315,30 @@ def lone_broker(tmp_path):
     broker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker.py _on_worker_hello takes the header's 'wid' as the worker's socket identity "
-    "without checking it is bytes; the next _dispatch (in run(), outside the per-message "
-    "try) then fails in send_frames with TypeError and the broker exits"))
 def test_broker_survives_signed_worker_hello_whose_identity_is_not_bytes(lone_broker):
     peer = RawPeer(lone_broker.address, lone_broker.info.key)
     try:
         peer.hello()
         peer.send(peer.encode(Kind.WORKER_HELLO, {"wid": 5, "slots": 1, "name": "bad"}))
-        # On the same connection, so handled right after: a task for "worker" 5.
+        refused, _ = peer.wait_for(Kind.ERROR)
+        assert "malformed" in refused.header["msg"] and "'wid'" in refused.header["msg"]
+        for field, value in (("ctl", [1]), ("wid", b""), ("wid", b"w" * 256)):
+            peer.send(peer.encode(Kind.WORKER_HELLO, {field: value, "slots": 1, "name": "bad"}))
+            assert f"'{field}'" in peer.wait_for(Kind.ERROR)[0].header["msg"]
+        for kind in (Kind.SCATTER, Kind.CANCEL):
+            peer.send(peer.encode(kind, {"bs": peer.bs, "rt": 5, "t": [], "ob": []}))
+            assert "'rt'" in peer.wait_for(Kind.ERROR)[0].header["msg"]
+        # On the same connection, so handled right after: a task nobody can take.
         peer.send(peer.encode(Kind.SUBMIT, *submit_fields(pow, (2, 2), 1, peer.bs)))
         # The broker dispatches once no message is waiting; a quick question-and-answer
         # keeps its burst going, so ask at a gentler pace for a while.
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            peer.status(timeout=5)
+            state, _ = peer.status(timeout=5)
             assert lone_broker.proc.poll() is None
+            assert state["workers"] == 0, "a hello with a malformed identity registered a worker"
             time.sleep(0.05)  # polling with a deadline
+        assert state["counts"]["submitted"] == 1 and state["counts"]["dropped"] == 6
     finally:
         peer.close()
 
