@@ -26,7 +26,7 @@ _EXPORTS = {
     "BrokerError": "errors", "BrokerUnreachable": "errors", "ClientClosed": "errors",
     "NoWorkersError": "errors", "RemoteError": "errors", "SerializationError": "errors",
     "ShoalError": "errors", "WorkerLost": "errors", "TaskTimeout": "errors",
-    "BrokerLost": "errors", "ResultTooLarge": "errors",
+    "BrokerLost": "errors", "ResultTooLarge": "errors", "TransferError": "errors",
     "PROTOCOL_VERSION": "protocol",
     "to_frame": "frames",
 }

@@ -17,12 +17,19 @@ _NOBLOCK = int(zmq.NOBLOCK)
 ZERO_COPY_MIN = 1 << 16
 
 
-def send_frames(sock: zmq.Socket, frames: list) -> None:
-    """Send ``frames`` as one multipart message."""
+def send_frames(sock: zmq.Socket, frames: list, block: bool = True) -> None:
+    """Send ``frames`` as one multipart message.
+
+    With ``block=False`` raises ``zmq.Again`` instead of waiting when the socket
+    cannot take the message.  On a socket with no send limit (``SNDHWM`` 0) that
+    means libzmq gave its connection up for good (a refused or failed handshake):
+    a blocking send would then wait for ever.
+    """
     send = sock.send
     last = len(frames) - 1
+    nowait = 0 if block else _NOBLOCK
     for i, frame in enumerate(frames):
-        flags = _MORE if i < last else 0
+        flags = (_MORE if i < last else 0) | nowait
         if len(frame) >= ZERO_COPY_MIN:
             send(frame, flags, copy=False)
         else:

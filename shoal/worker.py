@@ -29,10 +29,10 @@ import zmq
 from . import protocol, serialize
 from .capture import OutputRouter
 from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
-from .errors import RemoteError, ResultTooLarge, TaskTimeout
-from .protocol import Kind, ProtocolError
-from .security import (ConnectionInfo, apply_curve, find_local_broker, read_connection_file,
-                       read_key_file)
+from .errors import RemoteError, ResultTooLarge, TaskTimeout, TransferError
+from .protocol import FrameAltered, Kind, ProtocolError
+from .security import (ConnectionInfo, HandshakeWatch, apply_curve, find_local_broker,
+                       read_connection_file, read_key_file)
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -56,15 +56,21 @@ class ObjectStore:
     def __init__(self) -> None:
         self._raw: dict[bytes, list] = {}
         self._decoded: dict[bytes, Any] = {}
+        self._altered: dict[bytes, str] = {}  # digest -> why it was not kept
         self._lock = threading.Lock()
 
     def add(self, digest: bytes, frames: list) -> None:
         self._raw[digest] = frames
 
+    def refuse(self, digest: bytes, why: str) -> None:
+        """Remember that ``digest`` arrived altered: tasks that use it fail saying so."""
+        self._altered[digest] = why
+
     def forget(self, digests) -> None:
         for d in digests:
             self._raw.pop(d, None)
             self._decoded.pop(d, None)
+            self._altered.pop(d, None)
 
     def get(self, digest: bytes) -> Any:
         value = self._decoded.get(digest, _MISSING)
@@ -74,6 +80,8 @@ class ObjectStore:
                 if value is _MISSING:
                     frames = self._raw.get(digest)
                     if frames is None:
+                        if digest in self._altered:
+                            raise TransferError(self._altered[digest])
                         raise LookupError(f"object {digest.hex()} was never sent to this worker")
                     value = serialize.loads(frames)
                     self._decoded[digest] = value
@@ -106,6 +114,43 @@ def encode_exception(exc: BaseException) -> list:
     return frames
 
 
+def _parse_tasks(header: dict, frames: list) -> tuple:
+    """``(objects, digests to forget, units)`` of a TASKS message, checked whole.
+
+    Raises KeyError, TypeError or ValueError for a message of the wrong shape
+    (a bug in the broker, yet no reason to stop), before anything is kept.
+    """
+    pos, objects = 0, []
+    for digest, n in header.get("ob", ()):
+        if type(digest) is not bytes or type(n) is not int or n < 0:
+            raise ValueError(f"object entry {[digest, n]!r:.80} is not [digest, frame count]")
+        objects.append((digest, frames[pos:pos + n]))
+        pos += n
+    forget = header.get("fg") or []
+    if not isinstance(forget, list) or not all(type(d) is bytes for d in forget):
+        raise ValueError(f"'fg' {forget!r:.80} is not a list of digests")
+    units = []
+    for bid, refs, n, meta in header["u"]:
+        if (type(bid) is not int or not isinstance(refs, list) or not refs
+                or not all(type(r) is bytes for r in refs) or type(n) is not int or n < 0
+                or not isinstance(meta, dict)):
+            raise ValueError(f"unit entry {[bid, refs, n, meta]!r:.80} is not "
+                             "[id, [function digest, ...], frame count, meta]")
+        units.append((bid, refs, frames[pos:pos + n], meta))
+        pos += n
+    if pos != len(frames):
+        raise ValueError(f"its entries name {pos} frames, it has {len(frames)}")
+    return objects, forget, units
+
+
+def _unit_ids(header: dict) -> list:
+    """The unit ids a TASKS header names, as far as they can be made out."""
+    units = header.get("u")
+    if not isinstance(units, list):
+        return []
+    return [u[0] for u in units if isinstance(u, list) and u and type(u[0]) is int]
+
+
 # ----------------------------------------------------------------- worker
 class Worker:
     """A worker process connected to the broker at ``address``."""
@@ -123,6 +168,9 @@ class Worker:
         self.max_result_size = max_result_size
         self.host = serialize.host_id()
         self.ctx = zmq.Context.instance()
+        #: the process's exit status: 1 once the connection failed for good (see fail)
+        self.exit_code = 0
+        self._failure: Optional[str] = None
         # Named sockets: the control thread's socket tells the broker which
         # worker it speaks for by this identity.
         self.ident = b"w" + secrets.token_bytes(15)
@@ -135,6 +183,9 @@ class Worker:
         self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.curve = curve
         self.apply_curve(self.sock)
+        # Read by the control thread: a broker that refuses this worker's key is
+        # said so, and the worker exits, instead of waiting in silence.
+        self.watch = HandshakeWatch(self.sock, ConnectionInfo(address, key, curve=curve), "worker")
         self.sock.connect(address)
         self.session = protocol.Session()
         self.guard = protocol.ReplayGuard()
@@ -162,7 +213,15 @@ class Worker:
             for i in range(slots)]
 
     def _send(self, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        send_frames(self.sock, protocol.encode(self.key, kind, fields, frames, session=self.session))
+        try:
+            send_frames(self.sock, protocol.encode(self.key, kind, fields, frames,
+                                                   session=self.session), block=False)
+        except zmq.Again:
+            # SNDHWM is 0: the socket refuses a message only when libzmq has given
+            # its connection up for good, and a blocking send would never return.
+            self.fail(self.watch.check() or (
+                f"the connection to the broker at {self.address} was closed for good (its "
+                "handshake failed); check that this worker has the broker's connection file"))
 
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
@@ -205,12 +264,21 @@ class Worker:
         self._stopping = True
         os.write(self._wake_w, b"x")
 
+    def fail(self, why: str) -> None:
+        """The broker cannot be reached, for good: say why once, stop, exit with status 1."""
+        if self._failure is None:
+            self._failure = why
+            logger.error("%s", why)
+        self.exit_code = 1
+        self.stop()
+
     def _close(self) -> None:
         self.control.stop()
-        try:
-            self._send(Kind.WORKER_BYE)
-        except zmq.ZMQError:
-            pass
+        if self._failure is None:
+            try:
+                self._send(Kind.WORKER_BYE)
+            except zmq.ZMQError:
+                pass
         self.control.join(2)
         for _ in self.threads:
             self.inbox.put(None)
@@ -226,6 +294,11 @@ class Worker:
             frames = recv_frames(sock)
             try:
                 msg = protocol.decode(self.key, frames, guard=self.guard)
+            except FrameAltered as exc:
+                logger.error("a message from the broker was altered in transit: %s", exc)
+                if exc.message.kind == Kind.TASKS:
+                    self._on_altered_tasks(exc.message)
+                continue
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
@@ -235,25 +308,63 @@ class Worker:
                 logger.info("broker asked this worker to stop")
                 self._stopping = True
             elif msg.kind == Kind.WELCOME:
-                self.name = msg.header.get("name", self.name)
+                name = msg.header.get("name")
+                self.name = name if isinstance(name, str) else self.name
                 logger.info("registered with the broker as %s", self.name)
             elif msg.kind == Kind.ERROR:
                 logger.error("broker refused a message: %s", msg.header.get("msg"))
 
     def _on_tasks(self, msg: protocol.Message) -> None:
-        header, frames = msg.header, msg.frames
-        pos = 0
-        for digest, n in header.get("ob", ()):
-            store.add(digest, frames[pos:pos + n])
-            pos += n
-        if header.get("fg"):
-            store.forget(header["fg"])
+        try:
+            objects, forget, units = _parse_tasks(msg.header, msg.frames)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._fail_units(msg.header, f"worker {self.name} refused the TASKS message that "
+                             f"carried this task, as malformed: {exc!r}. This is a bug in the "
+                             "broker (or in a peer holding the cluster key)")
+            return
+        for digest, frames in objects:
+            store.add(digest, frames)
+        if forget:
+            store.forget(forget)
         put = self.pending.append if self.inline else self.inbox.put
         waiting = self.waiting
-        for bid, refs, n, meta in header["u"]:
-            waiting[bid] = (bid, refs, frames[pos:pos + n], meta)
-            put(bid)
-            pos += n
+        for unit in units:
+            waiting[unit[0]] = unit
+            put(unit[0])
+
+    def _on_altered_tasks(self, msg: protocol.Message) -> None:
+        """A TASKS message whose signature held but a large frame did not match its digest.
+
+        Nothing of it runs and nothing altered is unpickled; its tasks fail at once, so
+        none holds a slot for ever.  Intact objects are kept (the broker counts them sent).
+        """
+        why = (f"a frame of the message that carried this task to worker {self.name} was "
+               "altered in transit (it does not match its signed digest), so nothing of it "
+               "was run or unpickled. Check the network path to the broker; a Curve-secured "
+               "broker (the default beyond loopback) rules this out. Submit it again")
+        try:
+            objects, forget, _ = _parse_tasks(msg.header, msg.frames)
+        except (KeyError, TypeError, ValueError):
+            objects, forget = [], []
+        for digest, frames in objects:
+            if any(frame is None for frame in frames):
+                store.refuse(digest, f"function or scattered data {digest.hex()} reached worker "
+                             f"{self.name} altered in transit (it does not match its signed "
+                             "digest); tasks that use it fail here")
+            else:
+                store.add(digest, frames)
+        if forget:
+            store.forget(forget)
+        self._fail_units(msg.header, why)
+
+    def _fail_units(self, header: dict, why: str) -> None:
+        """Fail the units a TASKS message names with TransferError(why), at once."""
+        bids = _unit_ids(header)
+        logger.error("failing %d task(s): %s", len(bids), why)
+        frames = encode_exception(TransferError(why))
+        for bid in bids:
+            self.outbox.append((bid, "err", frames, {}))
+        self._flush_results()
 
     # -- slots
     def _slot(self) -> None:
@@ -518,7 +629,7 @@ def main(argv: Optional[list] = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
     worker.run()
-    return 0
+    return worker.exit_code
 
 
 if __name__ == "__main__":

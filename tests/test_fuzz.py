@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shoal import protocol, serialize
+from shoal.errors import TransferError
 from shoal.protocol import BIG_FRAME, Kind
 
 from conftest import wait_until
@@ -343,13 +344,10 @@ def test_broker_survives_signed_worker_hello_whose_identity_is_not_bytes(lone_br
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the broker decodes with verify_buffers=False, so a SUBMIT whose large frame (>= 64 KiB) "
-    "was altered after signing is accepted and dispatched; the worker's decode refuses the "
-    "whole TASKS message (digest mismatch) and answers nothing, so the unit stays RUNNING on "
-    "the broker for ever and holds the worker's slot: a one-slot worker never runs another "
-    "task (worker.py _receive drops it; broker.py never learns)"))
 def test_a_task_whose_large_frame_was_altered_does_not_block_the_worker(tmp_path):
+    """The broker routes large frames unhashed (by design); the worker finds the altered
+    one, runs and unpickles nothing of it, and fails the task at once, so its one slot
+    serves the next task."""
     broker = BrokerProcess(tmp_path, "--log-level", "ERROR")
     worker = start_worker(tmp_path, broker.connection_file, "one-slot")
     peer = RawPeer(broker.address, broker.info.key)
@@ -364,11 +362,42 @@ def test_a_task_whose_large_frame_was_altered_does_not_block_the_worker(tmp_path
             message[-1] = message[-1][:middle] + b"\x01" + message[-1][middle + 1:]  # in flight
             peer.send(message)
             assert peer.status()[0]["counts"]["submitted"] == 1
+            answer, _ = peer.wait_for(Kind.RESULTS, 30)
+            [(tid, status, n, _meta)] = answer.header["r"]
+            assert (tid, status) == (1, "err")
+            error, _ = serialize.loads(answer.frames[:n])
+            assert isinstance(error, TransferError), error
+            assert "altered in transit" in str(error) and "one-slot" in str(error)
             assert client.submit(pow, 2, 3).result(timeout=5) == 8
+            state = client.status()
+            assert state["counts"]["failed"] == 1 and state["running"] == 0
+        assert "altered in transit" in (tmp_path / "one-slot.log").read_text()
     finally:
         peer.close()
         stop_process(worker)
         broker.stop()
+
+
+def test_a_result_whose_large_frame_was_altered_fails_its_future(lone_broker):
+    """The other way: a RESULTS frame altered between the worker and the client fails the
+    client's future with TransferError instead of leaving it waiting for ever."""
+    fake = RawPeer(lone_broker.address, lone_broker.info.key)  # a worker, by hand
+    try:
+        fake.send(fake.encode(Kind.WORKER_HELLO, {"name": "forger", "slots": 1}))
+        fake.wait_for(Kind.WELCOME)
+        with lone_broker.client() as client:
+            future = client.submit(pow, 2, 5)
+            tasks, _ = fake.wait_for(Kind.TASKS, 30)
+            bid = tasks.header["u"][0][0]
+            value, _ = serialize.dumps(b"\x02" * BIG_FRAME)
+            reply = fake.encode(Kind.RESULTS, {"r": [[bid, "ok", len(value), {}]]}, value)
+            reply[-1] = b"\x03" + bytes(reply[-1])[1:]  # altered after signing
+            fake.send(reply)
+            with pytest.raises(TransferError, match="altered in transit"):
+                future.result(timeout=10)
+            assert client.status()["counts"]["done"] == 1  # the broker routed it unhashed
+    finally:
+        fake.close()
 
 
 def test_the_signature_covers_where_body_frames_begin_and_end():
@@ -407,6 +436,7 @@ class FakeBroker:
                           os.environ.copy(), self.log)
         self.main = self.control = None
         self.heartbeats = 0
+        self.outcomes: dict = {}  # unit id -> the frames of its result
         self._bids = itertools.count(10_000_000)
         self.fn_payload, self.fn_digest = serialize.dumps_function(abs)
         deadline = time.monotonic() + 30
@@ -459,8 +489,11 @@ class FakeBroker:
                                      f"log: {self.log_text()[-2000:]}")
             msg = self.recv(min(left, 0.2))
             if msg is not None and msg.kind == Kind.RESULTS:
+                pos = 0
                 for entry in msg.header["r"]:
                     seen[entry[0]] = entry[1]
+                    self.outcomes[entry[0]] = msg.frames[pos:pos + entry[2]]
+                    pos += entry[2]
         assert seen[bid] == "ok"
         return seen
 
@@ -609,23 +642,54 @@ def lone_worker(tmp_path):
     fake.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker.py Worker._receive calls _on_tasks without a guard: a signed TASKS whose header "
-    "lacks 'u' (or whose entries are not [bid, refs, n, meta]) raises KeyError/TypeError out "
-    "of Worker.run and the worker process exits"))
-@pytest.mark.parametrize("fields", [{}, {"u": 5}, {"u": [[1, 2]]}, {"u": [], "ob": [[[], 1]]}],
-                         ids=["no-units", "units-not-a-list", "unit-too-short",
-                              "object-digest-unhashable"])
-def test_worker_survives_a_signed_tasks_message_of_the_wrong_shape(lone_worker, fields):
+def test_a_function_that_arrived_altered_fails_every_task_that_uses_it(lone_worker, markers):
+    digest, bid = os.urandom(16), next(lone_worker._bids)
+    big_touch = pickle.dumps((_Touch(markers / "altered-function"), b"\x00" * BIG_FRAME))
+    message = lone_worker.tasks([[bid, [digest], 0, {}]], [[digest, 1]], [big_touch])
+    message[2] = bytes(message[2])[:-1] + b"\x01"  # altered after signing
+    lone_worker.send(lone_worker.main, message)
+    assert lone_worker.probe(expect=[bid])[bid] == "err"
+    later = next(lone_worker._bids)  # the broker counts the function as sent: not again
+    lone_worker.send(lone_worker.main, lone_worker.tasks([[later, [digest], 0, {}]]))
+    assert lone_worker.probe(expect=[later])[later] == "err"
+    for unit in (bid, later):
+        error, _ = serialize.loads(lone_worker.outcomes[unit])
+        assert isinstance(error, TransferError) and "altered in transit" in str(error), error
+    assert_nothing_executed(markers)
+
+
+@pytest.mark.parametrize("fields, failed", [
+    ({}, []), ({"u": 5}, []), ({"u": [[1, 2]]}, [1]), ({"u": [], "ob": [[[], 1]]}, []),
+    ({"u": [[2, [b"f" * 16], 3, {}]]}, [2]), ({"u": [[3, [b"f" * 16], 0, "meta"]]}, [3]),
+    ({"u": [[4, [], 0, {}], [5, [b"f" * 16], 0, {}]]}, [4, 5]), ({"u": [], "fg": [[]]}, []),
+], ids=["no-units", "units-not-a-list", "unit-too-short", "object-digest-unhashable",
+        "frame-count-lies", "meta-not-a-map", "no-function", "forget-unhashable"])
+def test_worker_survives_a_signed_tasks_message_of_the_wrong_shape(lone_worker, fields, failed):
     lone_worker.send(lone_worker.main, lone_worker.encode(Kind.TASKS, fields))
+    # Tasks it can name fail back at once (none is left running for ever); none runs.
+    seen = lone_worker.probe(expect=failed)
+    assert all(seen[bid] == "err" for bid in failed), seen
+    assert len(seen) == len(failed) + 1, seen
+    for bid in failed:
+        error, _ = serialize.loads(lone_worker.outcomes[bid])
+        assert isinstance(error, TransferError) and "as malformed" in str(error), error
+    assert "as malformed" in lone_worker.log_text()
     _worker_still_serves(lone_worker)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "control.py Control._on_cancel reads header['b'] unguarded; the KeyError ends "
-    "Control.run (which catches it only to log 'control thread failed'), so the worker "
-    "stops heartbeating and the broker declares a live worker lost"))
-def test_worker_survives_a_signed_cancel_of_the_wrong_shape(lone_worker):
-    lone_worker.send(lone_worker.control, lone_worker.encode(Kind.CANCEL, {"rq": 1}))
+@pytest.mark.parametrize("fields", [{"rq": 1}, {"rq": 1, "b": 5}, {"rq": 1, "b": [[1]]},
+                                    {"rq": 1, "b": ["x"], "r": True}],
+                         ids=["no-tasks", "tasks-not-a-list", "task-id-unhashable",
+                              "task-id-not-an-int"])
+def test_worker_survives_a_signed_cancel_of_the_wrong_shape(lone_worker, fields):
+    lone_worker.send(lone_worker.control, lone_worker.encode(Kind.CANCEL, fields))
+    # Answered as a cancel that named no task, so the broker's request does not wait.
+    deadline = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < deadline, "no answer to a malformed cancel"
+        msg = lone_worker.recv(0.5)
+        if msg is not None and msg.kind == Kind.CANCELLED:
+            assert msg.header["rq"] == 1 and msg.header["b"] == [] and msg.header["i"] == []
+            break
     lone_worker.probe()
     assert lone_worker.heartbeating(3), "the control thread died"

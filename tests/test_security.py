@@ -286,9 +286,13 @@ def test_non_loopback_listen_turns_on_curve_and_refuses_a_client_without_keys(sh
         assert "Curve-secured" in broker.log_text()
         info = broker.info
         assert info.curve and info.ipc, "a non-loopback broker's connection file has no Curve keys"
-        # Even the right signing key is not enough without an allowed Curve keypair.
-        with pytest.raises(shoal.BrokerUnreachable):
+        # Even the right signing key is not enough without an allowed Curve keypair, and
+        # the client says so at once.
+        started = time.monotonic()
+        with pytest.raises(shoal.BrokerUnreachable, match="the broker uses Curve and this "
+                                                          "client has no Curve keys"):
             shoal.Client(ConnectionInfo(info.ipc, info.key), timeout=2)
+        assert time.monotonic() - started < 2
         # Nor is a Curve keypair the broker never allowed.
         public, secret = zmq.curve_keypair()
         stranger = RawPeer(info.ipc, info.key, monitor=True, curve={
@@ -680,31 +684,35 @@ def test_a_worker_with_an_unknown_key_cannot_join_and_learns_nothing(curve_broke
         with curve_broker.client() as client:
             names = set(_workers(client))
         assert not {"stranger", "stranger-raw"} & names
-        assert worker.poll() is None
+        # libzmq never retries a refused handshake: the worker says so and exits.
+        assert worker.wait(10) == 1, "a worker whose key the broker refused did not exit with 1"
         log = (tmp_path / "stranger.log").read_text()
+        assert "refused this worker's key" in log and "shoal keys create" in log, log
         assert "registered with the broker" not in log
         assert "dropped a message" not in log, "the unknown worker received a message"
     finally:
         peer.close()
-        stop_process(worker, timeout=1)  # SIGTERM does not stop it: see the xfail below
+        stop_process(worker)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker whose Curve handshake was refused has no connection, so its blocking sends "
-    "never return: worker.py Worker._close blocks in _send(WORKER_BYE) and control.py "
-    "Control.run in _send(HEARTBEAT); SIGTERM never stops it, and it never says its key "
-    "was refused"))
 def test_a_worker_refused_by_the_broker_stops_on_sigterm(curve_broker, tmp_path):
     path, stranger = _stranger(curve_broker, tmp_path / "refused.json")
     worker = start_worker(tmp_path, str(path), "refused", curve_broker.env)
+    log = tmp_path / "refused.log"
     try:
         wait_until(lambda: _denied_count(curve_broker, stranger["public_key"]) >= 2, 30,
                    message="the broker to refuse the worker's key")
+        wait_until(lambda: "refused this worker's key" in log.read_text(), 10,
+                   message="the refused worker to say why it cannot join")
         worker.terminate()
         try:
             worker.wait(5)
         except subprocess.TimeoutExpired:
             pytest.fail("a worker refused by the broker ignored SIGTERM for 5 s")
+        assert worker.returncode == 1, f"a refused worker exited with {worker.returncode}"
+        text = log.read_text()
+        assert stranger["public_key"] in text and "shoal keys create" in text, text
+        assert "--connection-file" in text, text
     finally:
         stop_process(worker, timeout=1)
 
@@ -714,10 +722,6 @@ def _io_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "shoal-client-io" and t.is_alive())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "client.py: after a refused Curve handshake the IO thread blocks for ever in a blocking "
-    "send (_housekeeping's HEARTBEAT), so Client() raises BrokerUnreachable only after "
-    "close()'s 5 s join and leaves the thread and its socket behind"))
 def test_a_client_refused_by_curve_gives_up_within_its_timeout_and_leaves_no_thread(
         curve_broker):
     public, secret = zmq.curve_keypair()
@@ -725,11 +729,12 @@ def test_a_client_refused_by_curve_gives_up_within_its_timeout_and_leaves_no_thr
                "public_key": public.decode(), "secret_key": secret.decode()}
     before = _io_threads()
     started = time.monotonic()
-    with pytest.raises(shoal.BrokerUnreachable):
+    with pytest.raises(shoal.BrokerUnreachable, match="refused this client's key") as info:
         shoal.Client(ConnectionInfo(curve_broker.address, curve_broker.info.key, curve=unknown),
                      timeout=1)
     elapsed = time.monotonic() - started
-    assert elapsed < 3, f"Client(timeout=1) took {elapsed:.1f} s to give up"
+    assert elapsed < 1, f"Client(timeout=1) took {elapsed:.1f} s to give up"
+    assert unknown["public_key"] in str(info.value) and "shoal keys create" in str(info.value)
     assert _io_threads() == before, "the refused client's IO thread is still running"
 
 
@@ -763,10 +768,12 @@ def test_a_revoked_worker_is_dropped_and_cannot_rejoin(curve_broker, tmp_path):
             wait_until(lambda: _denied_count(curve_broker, public) > denied, 30,
                        message="the broker to refuse the revoked key")
             assert "w-revoke-again" not in _workers(client)
+            assert again.wait(10) == 1, "a worker with a revoked key did not exit with 1"
+            assert "refused this worker's key" in (tmp_path / "w-revoke-again.log").read_text()
             assert client.submit(pow, 3, 4).result(timeout=30) == 81  # still serving
     finally:
         stop_process(worker)
-        stop_process(again, timeout=1)  # refused: SIGTERM does not stop it (xfail above)
+        stop_process(again, timeout=1)
 
 
 @pytest.mark.xfail(strict=True, reason=(
