@@ -146,6 +146,8 @@ class Broker(Liveness):
         self.out = Session()
         self.guard = ReplayGuard()
         self._stopping = False
+        #: the Curve public key of the message being handled (a Curve-secured broker)
+        self._peer_key: Optional[str] = None
         self.started = time.time()
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
                        "dropped": 0, "duplicates": 0}
@@ -213,6 +215,8 @@ class Broker(Liveness):
             self._expire_parked()
         now = time.monotonic()
         self._check_liveness(now)
+        if self.allow is not None:
+            self._check_revoked()
         self.results.expire()
         for rid, request in list(self.cancels.items()):
             if now - request.at > 30:  # a worker that never answered
@@ -247,10 +251,13 @@ class Broker(Liveness):
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
-        if self.allow is not None and self.allow.name_of(frames[-1].get("User-Id")) is None:
-            # ZAP checks a key when a connection opens; this catches one revoked since.
-            self._drop(ident, "its key is no longer on the allow-list")
-            return
+        if self.allow is not None:
+            self._peer_key = frames[-1].get("User-Id")
+            if self.allow.name_of(self._peer_key) is None:
+                # ZAP checks a key when a connection opens; this catches one revoked since.
+                self._drop(ident, "its key is no longer on the allow-list")
+                self._deregister_revoked(ident)
+                return
         try:
             msg = protocol.decode(self.key, frames[1:], verify_buffers=False, guard=self.guard)
         except VersionMismatch as exc:
@@ -509,7 +516,7 @@ class Broker(Liveness):
             self._requeue(old)  # it restarted its session: what it held never ran
         self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
                                            int(h.get("pid", 0)), last_seen=time.monotonic(),
-                                           control=control)
+                                           control=control, key=self._peer_key)
         logger.info("worker %s joined with %d slot(s)", name, slots)
         self._send(ident, Kind.WELCOME, {"name": name})
 

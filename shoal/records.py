@@ -54,6 +54,7 @@ class WorkerRecord:
     control: Optional[bytes] = None  # the worker's control socket (heartbeats, interrupts)
     reported: list = field(default_factory=list)  # units running at its last heartbeat
     alone: Optional[int] = None  # a suspect unit it runs with nothing beside it
+    key: Optional[str] = None  # its Curve public key, on a Curve-secured broker
 
     @property
     def prefetch(self) -> int:

@@ -758,7 +758,7 @@ def test_a_revoked_worker_is_dropped_and_cannot_rejoin(curve_broker, tmp_path):
             # Its heartbeats (every second) are dropped from now on ...
             wait_until(lambda: client.status()["counts"]["dropped"] >= dropped + 2, 15,
                        message="the revoked worker's messages to be dropped")
-            # ... so the broker soon counts it lost, though its process still runs.
+            # ... and the first of them deregisters it, though its process still runs.
             wait_until(lambda: "w-revoke" not in _workers(client), 20,
                        message="the revoked worker to leave")
             assert worker.poll() is None
@@ -776,10 +776,6 @@ def test_a_revoked_worker_is_dropped_and_cannot_rejoin(curve_broker, tmp_path):
         stop_process(again, timeout=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker.py _handle drops what a revoked peer sends, but the worker stays registered until "
-    "its heartbeats time out (WORKER_TIMEOUT, 5 s), and _dispatch keeps sending it TASKS "
-    "meanwhile: a revoked worker still receives (and runs) new tasks and their arguments"))
 def test_a_revoked_worker_receives_no_task_after_revocation(curve_broker, tmp_path):
     env = curve_broker.env
     assert keys_cli("create", "w-late", "--address", curve_broker.address,
@@ -792,13 +788,18 @@ def test_a_revoked_worker_receives_no_task_after_revocation(curve_broker, tmp_pa
     try:
         with curve_broker.client() as client:
             wait_until(lambda: "w-late" in _workers(client), 30, message="w-late to join")
-            dropped = client.status()["counts"]["dropped"]
+            counts = client.status()["counts"]
+            dropped, lost = counts["dropped"], counts.get("workers_lost", 0)
             assert keys_cli("revoke", "w-late", env=env).returncode == 0
             wait_until(lambda: client.status()["counts"]["dropped"] > dropped, 15,
                        message="the broker to notice the revocation")
+            # Gone at once, not after its heartbeats time out; not counted as lost.
+            assert "w-late" not in _workers(client)
+            assert client.status()["counts"].get("workers_lost", 0) == lost
             futures = [client.submit(record_run, str(runs), "late") for _ in range(4)]
             pids = {f.result(timeout=30) for f in futures}
         assert worker.pid not in pids
+        assert "w-late: its key was revoked; deregistered" in curve_broker.log_text()
         ran_there = [n for n in runs_of(runs, "late") if f"-{worker.pid}-" in n]
         assert not ran_there, f"the revoked worker ran {len(ran_there)} task(s) after revocation"
     finally:
