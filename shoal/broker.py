@@ -34,7 +34,7 @@ from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets,
                        write_connection_file)
 from .serialize import host_id
 from .store import ResultStore
-from .transport import MessageTooLarge, recv_frames, send_frames
+from .transport import MessageTooLarge, recv_frames, release_memory, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class Broker(Liveness):
         self._stopping = False
         #: the Curve public key of the message being handled (a Curve-secured broker)
         self._peer_key: Optional[str] = None
+        self._trim_due = False  # a message dropped for its size left freed memory
         self.started = time.time()
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
                        "dropped": 0, "duplicates": 0}
@@ -197,6 +198,7 @@ class Broker(Liveness):
                             break
                         except MessageTooLarge as exc:
                             self._drop(b"?", str(exc))
+                            self._trim_due = True
                             continue
                         self._handle(frames)
                     if self.queue:
@@ -217,6 +219,9 @@ class Broker(Liveness):
         self._check_liveness(now)
         if self.allow is not None:
             self._check_revoked()
+        if self._trim_due:  # at most once a tick: trimming costs ~0.1 ms per MB freed
+            self._trim_due = False
+            release_memory()
         self.results.expire()
         for rid, request in list(self.cancels.items()):
             if now - request.at > 30:  # a worker that never answered
