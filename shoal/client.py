@@ -335,7 +335,7 @@ class Client:
             raise BrokerUnreachable(self._broken)
 
     def _warn_if_large(self, fn, digest: bytes, frames: list, meta: dict) -> None:
-        size = serialize.nbytes(frames) + sum(p[3] for p in meta.get("sb", ()))
+        size = serialize.payload_size(frames, meta)
         if size > LARGE_PAYLOAD and digest not in self._warned_large:
             self._warned_large.add(digest)
             logger.warning(

@@ -484,6 +484,8 @@ class Worker:
             reply.update(shm_meta)
         if meta.get("m"):
             reply["n"] = meta.get("n", 1)
+            # Its size, so the client sizes later batches by bytes as well as by time.
+            reply["rb"] = serialize.payload_size(out_frames, shm_meta)
             if status == "ok" and value[1]:
                 reply["f"] = len(value[1])  # items that failed, for progress counts
         out, err = self.stdout.end(), self.stderr.end()
@@ -505,7 +507,7 @@ class Worker:
                 f"the result of {serialize.fn_name(fn)!r}, of type "
                 f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}"
             ) from exc
-        size = serialize.nbytes(out_frames) + sum(p[3] for p in shm_meta.get("sb", ()))
+        size = serialize.payload_size(out_frames, shm_meta)
         if check_size and size > self.max_result_size:
             for name in serialize.segment_names(shm_meta):
                 serialize.segments.unlink(name)
