@@ -120,6 +120,9 @@ class Control(threading.Thread):
                 except Exception:
                     self._log_error("the worker's control thread hit an error; serving on")
         finally:
+            failure = worker.watch.check()  # a refusal seen only as the worker stops
+            if failure is not None:
+                worker.fail(failure)
             worker.watch.close()
             self.sock.close(linger=500)
 

@@ -219,9 +219,10 @@ class Worker:
         except zmq.Again:
             # SNDHWM is 0: the socket refuses a message only when libzmq has given
             # its connection up for good, and a blocking send would never return.
-            self.fail(self.watch.check() or (
-                f"the connection to the broker at {self.address} was closed for good (its "
-                "handshake failed); check that this worker has the broker's connection file"))
+            # (Why, the control thread reads from the socket monitor: it owns it.)
+            self.fail(f"the connection to the broker at {self.address} was closed for good "
+                      "(its handshake failed); check that this worker has the broker's "
+                      "connection file")
 
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
@@ -265,8 +266,8 @@ class Worker:
         os.write(self._wake_w, b"x")
 
     def fail(self, why: str) -> None:
-        """The broker cannot be reached, for good: say why once, stop, exit with status 1."""
-        if self._failure is None:
+        """The broker cannot be reached, for good: say why, stop, exit with status 1."""
+        if why != self._failure:  # the main and control threads may both find out
             self._failure = why
             logger.error("%s", why)
         self.exit_code = 1
