@@ -30,6 +30,7 @@ from . import protocol, serialize
 from .capture import OutputRouter
 from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
 from .errors import RemoteError, ResultTooLarge, TaskTimeout, TransferError
+from .objects import ObjectStore
 from .protocol import FrameAltered, Kind, ProtocolError
 from .security import (ConnectionInfo, HandshakeWatch, apply_curve, find_local_broker,
                        read_connection_file, read_key_file)
@@ -45,50 +46,8 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
-
 # ----------------------------------------------------------------- objects
-_MISSING = object()
-
-
-class ObjectStore:
-    """Functions and scattered values by digest, decoded on first use."""
-
-    def __init__(self) -> None:
-        self._raw: dict[bytes, list] = {}
-        self._decoded: dict[bytes, Any] = {}
-        self._altered: dict[bytes, str] = {}  # digest -> why it was not kept
-        self._lock = threading.Lock()
-
-    def add(self, digest: bytes, frames: list) -> None:
-        self._raw[digest] = frames
-
-    def refuse(self, digest: bytes, why: str) -> None:
-        """Remember that ``digest`` arrived altered: tasks that use it fail saying so."""
-        self._altered[digest] = why
-
-    def forget(self, digests) -> None:
-        for d in digests:
-            self._raw.pop(d, None)
-            self._decoded.pop(d, None)
-            self._altered.pop(d, None)
-
-    def get(self, digest: bytes) -> Any:
-        value = self._decoded.get(digest, _MISSING)
-        if value is _MISSING:
-            with self._lock:
-                value = self._decoded.get(digest, _MISSING)
-                if value is _MISSING:
-                    frames = self._raw.get(digest)
-                    if frames is None:
-                        if digest in self._altered:
-                            raise TransferError(self._altered[digest])
-                        raise LookupError(f"object {digest.hex()} was never sent to this worker")
-                    value = serialize.loads(frames)
-                    self._decoded[digest] = value
-        return value
-
-
-store = ObjectStore()
+store = ObjectStore()  # this process's; Ref pickles resolve through it
 
 #: A namespace that lives as long as the worker process, for code that sets up
 #: state once and uses it in later tasks (the notebook's ``%%remote`` cells).
