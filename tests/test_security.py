@@ -10,6 +10,7 @@ with ``test_netns.py`` and ``test_fuzz.py``.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -597,8 +598,9 @@ def test_a_message_over_max_size_in_many_frames_is_buffered_once_then_dropped_an
     assert grown < message_mb + 40, (
         f"the broker's peak memory grew by {grown} MB for a {message_mb:.0f} MB message: "
         "more than libzmq's one copy")
-    wait_until(lambda: _rss_mb(limited.proc.pid) < rss_before + 40, 10, 0.05,
-               "the broker to give back the memory of the dropped message")
+    if hasattr(ctypes.CDLL(None), "malloc_trim"):  # glibc: the broker trims the heap
+        wait_until(lambda: _rss_mb(limited.proc.pid) < rss_before + 40, 10, 0.05,
+                   "the broker to give back the memory of the dropped message")
     _limited_serves(limited)
 
 
