@@ -120,7 +120,7 @@ class Liveness:
             self._deliver_lost(doomed)
 
     def _check_revoked(self: "Broker") -> None:
-        """Deregister workers whose key left the allow-list (each tick; a dict lookup each)."""
+        """Deregister workers whose key left the allow-list (each tick: a lookup per worker)."""
         for worker in list(self.workers.values()):
             if worker.key is not None and self.allow.name_of(worker.key) is None:
                 self._revoke_worker(worker)
