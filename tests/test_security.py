@@ -145,7 +145,12 @@ class RawPeer:
         self.bs: Optional[str] = None
 
     def send(self, frames: list) -> None:
-        self.sock.send_multipart(frames, copy=True)
+        """Send a message; nothing happens once libzmq gave the connection up for good (a
+        refused handshake: SNDHWM is 0, so only then would a send block, for ever)."""
+        try:
+            self.sock.send_multipart(frames, copy=True, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def encode(self, kind: str, fields: Optional[dict] = None, frames=()) -> list:
         return protocol.encode(self.key, kind, fields, frames, session=self.session)
