@@ -742,19 +742,33 @@ class Client:
         """Drop the results the broker keeps for the keyed map ``key``."""
         self._request((Kind.ATTACH, key, True), timeout)
 
-    def _attach(self, key: str, timeout: float = 30.0) -> tuple:
-        """``(done, running)`` parts of keyed map ``key`` (see Broker._on_attach)."""
-        header, frames = self._request((Kind.ATTACH, key, False), timeout)
+    def _attach(self, key: str, adopt: Callable[[list], None],
+                timeout: float = 30.0) -> tuple:
+        """``(done, running)`` parts of keyed map ``key`` (see Broker._on_attach).
+
+        ``adopt(running)`` runs on the thread that receives the answer, before it
+        handles the next message: the broker routes results of the running parts
+        here from then on, and one arriving before its part is registered in
+        ``_pending`` would be dropped.
+        """
+        header, frames = self._request((Kind.ATTACH, key, False), timeout,
+                                       lambda reply: adopt(reply[0]["running"]))
         done, pos = [], 0
         for start, count, status, n, meta in header["done"]:
             done.append((start, count, status, frames[pos:pos + n], meta))
             pos += n
         return done, header["running"]
 
-    def _request(self, command: tuple, timeout: float):
-        """Send a request that the broker answers by id; return its answer."""
+    def _request(self, command: tuple, timeout: float,
+                 on_reply: Optional[Callable[[Any], None]] = None):
+        """Send a request that the broker answers by id; return its answer.
+
+        ``on_reply(answer)`` runs first, on the thread that receives it.
+        """
         request = next(self._tids)
         reply = self._replies[request] = Future(("request", request))
+        if on_reply is not None:
+            reply.add_done_callback(lambda done: done.exception() or on_reply(done.result()))
         self._post(command + (request,))
         try:
             return reply.result(timeout)

@@ -186,16 +186,21 @@ class MapResult:
         """The parts of this keyed map the broker kept or still runs, as batches."""
         from .client import settle
         client = self.client
-        done, running = client._attach(self.key)
+        adopted: dict = {}
+
+        def adopt(running: list) -> None:  # on the receiving thread (see Client._attach)
+            for start, count, tid in running:
+                adopted[tid] = client._pending[tid] = _Batch(tid, client, self, start, count,
+                                                             None)
+
+        done, running = client._attach(self.key, adopt)
         parts = []
         for start, count, status, frames, meta in done:
             batch = _Batch(("kept", self.key, start), client, self, start, count, None)
             settle(batch, status, frames, meta)
             parts.append((start, count, batch))
         for start, count, tid in running:
-            batch = _Batch(tid, client, self, start, count, None)
-            client._pending[tid] = batch
-            parts.append((start, count, batch))
+            parts.append((start, count, adopted[tid]))
         if parts and self._per_item is None:
             self._per_item = 1e-3  # measured again from the next results
         return sorted(parts, key=lambda p: p[0])
