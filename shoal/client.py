@@ -351,11 +351,15 @@ class Client:
         if self._io_parked and not self._leader_wanted:
             return  # no one polls the pipe: the parked IO thread rechecks within 5 ms
         if not self._woken:
-            self._woken = True
+            # Write, then raise the flag: _flush lowers it, then drains the pipe, so
+            # no byte is ever left behind with the flag down.  (The other order could
+            # leave one, and a leader would see the pipe readable for ever and spin
+            # without heartbeating; the broker then looked lost.)
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+            self._woken = True
 
     def _park_io(self) -> None:
         """Keep the IO thread off the socket while threads lead.
