@@ -27,7 +27,7 @@ _EXPORTS = {
     "NoWorkersError": "errors", "RemoteError": "errors", "SerializationError": "errors",
     "ShoalError": "errors", "WorkerLost": "errors", "TaskTimeout": "errors",
     "BrokerLost": "errors", "ResultTooLarge": "errors", "Retry": "errors",
-    "RetriesExhausted": "errors", "DependencyFailed": "errors",
+    "RetriesExhausted": "errors", "DependencyFailed": "errors", "TransferError": "errors",
     "s": "canvas", "si": "canvas", "chain": "canvas", "group": "canvas", "chord": "canvas",
     "Signature": "canvas", "GroupResult": "canvas",
     "task": "tasks", "Task": "tasks",

@@ -39,7 +39,7 @@ from .serialize import host_id
 from .options import due_at
 from .scheduling import RateLimits, Timers, check_rate
 from .store import ResultStore, TaskResults
-from .transport import MessageTooLarge, recv_frames, send_frames
+from .transport import MessageTooLarge, recv_frames, release_memory, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,20 @@ _WAITING_STATES = frozenset({QUEUED, PARKED, WAITING, SCHEDULED, LIMITED})
 #: an earlier run, they are refused.
 _SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
                             Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
+
+
+def _identity(header: dict, name: str, default):
+    """The socket identity that header field ``name`` holds, or ``default`` without one.
+
+    Peers name their other sockets by identity (``rt``: a client's receiving
+    socket, ``wid``/``ctl``: a worker's main and control sockets), and the broker
+    later routes to them; anything but 1 to 255 bytes (ZeroMQ's routing ids)
+    is refused here, as a malformed message, not when a send fails.
+    """
+    value = header.get(name, default)
+    if value is not default and (type(value) is not bytes or not 1 <= len(value) <= 255):
+        raise ValueError(f"header field {name!r} is not a socket identity: {value!r:.40}")
+    return value
 
 
 class Broker(Liveness, Flow):
@@ -150,6 +164,9 @@ class Broker(Liveness, Flow):
         self.out = Session()
         self.guard = ReplayGuard()
         self._stopping = False
+        #: the Curve public key of the message being handled (a Curve-secured broker)
+        self._peer_key: Optional[str] = None
+        self._trim_due = False  # a message dropped for its size left freed memory
         self.started = time.time()
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
                        "dropped": 0, "duplicates": 0}
@@ -205,6 +222,7 @@ class Broker(Liveness, Flow):
                             break
                         except MessageTooLarge as exc:
                             self._drop(b"?", str(exc))
+                            self._trim_due = True
                             continue
                         self._handle(frames)
                     if self.queue:
@@ -254,6 +272,11 @@ class Broker(Liveness, Flow):
             self._expire_parked()
         now = time.monotonic()
         self._check_liveness(now)
+        if self.allow is not None:
+            self._check_revoked()
+        if self._trim_due:  # at most once a tick: trimming costs ~0.1 ms per MB freed
+            self._trim_due = False
+            release_memory()
         self.results.expire()
         self._expire_kept()
         if self.fetches:
@@ -292,10 +315,13 @@ class Broker(Liveness, Flow):
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
-        if self.allow is not None and self.allow.name_of(frames[-1].get("User-Id")) is None:
-            # ZAP checks a key when a connection opens; this catches one revoked since.
-            self._drop(ident, "its key is no longer on the allow-list")
-            return
+        if self.allow is not None:
+            self._peer_key = frames[-1].get("User-Id")
+            if self.allow.name_of(self._peer_key) is None:
+                # ZAP checks a key when a connection opens; this catches one revoked since.
+                self._drop(ident, "its key is no longer on the allow-list")
+                self._deregister_revoked(ident)
+                return
         try:
             msg = protocol.decode(self.key, frames[1:], verify_buffers=False, guard=self.guard)
         except VersionMismatch as exc:
@@ -394,7 +420,7 @@ class Broker(Liveness, Flow):
 
     def _on_submit(self, ident: bytes, msg: protocol.Message) -> None:
         frames, header = msg.frames, msg.header
-        ident = header.get("rt", ident)  # results go to the client's receiving socket
+        ident = _identity(header, "rt", ident)  # results go to the client's receiving socket
         client = self._client(ident)
         cid = header.get("cid")
         if cid is not None:
@@ -511,7 +537,7 @@ class Broker(Liveness, Flow):
                 self._send(client, Kind.ERROR, {"msg": why, "t": tids})
 
     def _on_scatter(self, ident: bytes, msg: protocol.Message) -> None:
-        ident = msg.header.get("rt", ident)
+        ident = _identity(msg.header, "rt", ident)
         self._client(ident)
         failed = msg.header.get("failed")
         if failed is not None:  # the answer to NEED: that dependency did not succeed
@@ -524,7 +550,7 @@ class Broker(Liveness, Flow):
     def _on_cancel(self, ident: bytes, msg: protocol.Message) -> None:
         """Withdraw tasks not yet started: queued here, or prefetched by a worker."""
         header = msg.header
-        ident = header.get("rt", ident)
+        ident = _identity(header, "rt", ident)
         client = self._client(ident)
         request = CancelRequest(ident, header.get("rq"), time.monotonic())
         running_too = bool(header.get("r", True))
@@ -679,7 +705,8 @@ class Broker(Liveness, Flow):
         h = msg.header
         # A worker re-registering after a broker restart says hello from its
         # control socket, naming its main socket (``wid``), where tasks go.
-        ident = h.get("wid", ident)
+        ident = _identity(h, "wid", ident)
+        control = _identity(h, "ctl", None)
         slots = h.get("slots", 1)
         if not isinstance(slots, int) or not 1 <= slots <= 100_000:
             raise ValueError(f"worker announced {slots!r} slots")
@@ -702,8 +729,9 @@ class Broker(Liveness, Flow):
             self._requeue(old)  # it restarted its session: what it held never ran
         self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
                                            int(h.get("pid", 0)), last_seen=time.monotonic(),
-                                           control=h.get("ctl"), queues=frozenset(queues),
-                                           resources=resources, task_names=frozenset(task_names),
+                                           control=control, key=self._peer_key,
+                                           queues=frozenset(queues), resources=resources,
+                                           task_names=frozenset(task_names),
                                            registered_only=bool(h.get("ro")))
         self._workers_changed()
         logger.info("worker %s joined with %d slot(s)%s%s%s", name, slots,
@@ -730,7 +758,7 @@ class Broker(Liveness, Flow):
 
     def _worker_of(self, ident: bytes, header: dict) -> Optional[WorkerRecord]:
         """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
-        worker = self.workers.get(header.get("wid", ident))
+        worker = self.workers.get(_identity(header, "wid", ident))
         if worker is not None and ident not in (worker.ident, worker.control):
             return None  # a control message must come from that worker's control socket
         return worker
@@ -745,7 +773,7 @@ class Broker(Liveness, Flow):
         worker = self._worker_of(ident, header)
         if worker is not None:
             self._note_heartbeat(worker, header)
-        elif header["wid"] not in self.workers:
+        elif _identity(header, "wid", None) not in self.workers:
             # A worker this broker does not know (it restarted): ask it to register.
             self._send(ident, Kind.WELCOME, {"rehello": True})
 

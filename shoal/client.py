@@ -20,18 +20,18 @@ import zmq
 from zmq.backend import zmq_poll
 
 from . import protocol, serialize
+from .deps import AlreadyFailed, already_failed
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, DependencyFailed,
-                     NoWorkersError, RemoteError, WorkerLost)
+                     NoWorkersError, RemoteError, TransferError, WorkerLost)
 from .executor import Executor
 from .futures import Encoded, Future, attach_traceback, cancel_and_notify
 from .mapping import MapResult, _Batch
 from .options import task_options
-from .protocol import Kind, ProtocolError
-from .deps import AlreadyFailed, already_failed
-from .tasks import encode_function
+from .protocol import FrameAltered, Kind, ProtocolError
 from .records import parse_task_id, task_key
 from .refs import Ref, collect_refs, collected_deps
-from .security import apply_curve, resolve_connection, runtime_dir
+from .security import HandshakeWatch, apply_curve, resolve_connection, runtime_dir
+from .tasks import encode_function
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class Client:
         os.set_blocking(self._wake_r, False)
         self._woken = False
         self._closed = False
+        #: why the connection to the broker is gone for good (a refused key), once it is
+        self._broken: Optional[str] = None
         # Leader/follower on the socket: a thread blocked in Future.result()
         # borrows it from the IO thread, sends what is queued and receives its
         # own result, saving two thread hand-offs (~150 us) per round trip.
@@ -119,8 +121,10 @@ class Client:
         self._thread = threading.Thread(target=self._io_loop, name="shoal-client-io", daemon=True)
         self._thread.start()
         self._post((Kind.CLIENT_HELLO,))
-        if not self._welcome.wait(timeout):
+        if not self._welcome.wait(timeout) or self._broken:
             self.close()
+            if self._broken:
+                raise BrokerUnreachable(self._broken)
             raise BrokerUnreachable(
                 f"no shoal broker answered at {self.address} within {timeout:g} s. Check that "
                 "`shoal broker` (or a Cluster) is running, that the address matches, and that the "
@@ -382,9 +386,11 @@ class Client:
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosed("this client is closed; create a new one")
+        if self._broken:
+            raise BrokerUnreachable(self._broken)
 
     def _warn_if_large(self, fn, digest: bytes, frames: list, meta: dict) -> None:
-        size = serialize.nbytes(frames) + sum(p[3] for p in meta.get("sb", ()))
+        size = serialize.payload_size(frames, meta)
         if size > LARGE_PAYLOAD and digest not in self._warned_large:
             self._warned_large.add(digest)
             logger.warning(
@@ -400,11 +406,15 @@ class Client:
         if self._io_parked and not self._leader_wanted:
             return  # no one polls the pipe: the parked IO thread rechecks within 5 ms
         if not self._woken:
-            self._woken = True
+            # Write, then raise the flag; _flush drains the pipe, then lowers it.  So
+            # no byte stays behind with the flag down (a leader would see the pipe
+            # readable for ever and spin without heartbeating), and the flag never
+            # stays up with the pipe empty (later commands would wait for a timeout).
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+            self._woken = True
 
     def _park_io(self) -> None:
         """Keep the IO thread off the socket while threads lead.
@@ -425,7 +435,7 @@ class Client:
         Does nothing (the caller then waits as usual) when another thread is
         already receiving, or when called from the IO thread itself.
         """
-        if self._closed or threading.current_thread() is self._thread:
+        if self._closed or self._broken or threading.current_thread() is self._thread:
             return
         if not self._lead_lock.acquire(blocking=False):
             return
@@ -495,20 +505,26 @@ class Client:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         apply_curve(sock, self.info)
+        self._watch = watch = HandshakeWatch(sock, self.info, "client")
         sock.connect(self.info.local_address())
         self._sock = sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
         lock = self._sock_lock
         try:
-            while True:
+            while not self._broken:
                 with lock:
                     # Commands queued while this thread was parked wrote no
                     # wake-up byte: don't wait on the poll before sending them.
                     for s, _ in poller.poll(0 if self._commands else 250):
                         if s is sock:
                             self._receive(sock)
+                        elif s is watch.monitor:
+                            why = watch.check()
+                            if why is not None:
+                                self._give_up(why)
                     if not self._flush(sock):
                         break
                     self._housekeeping(sock)
@@ -519,12 +535,36 @@ class Client:
             for tid in list(self._pending):
                 self._fail(tid, ClientClosed("the client's IO thread failed; see the log"))
         finally:
+            watch.close()
             sock.close(linger=500)
 
     def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
         if kind in _SESSION_BOUND:
             fields = dict(fields or (), bs=self._session)
-        send_frames(sock, protocol.encode(self._key, kind, fields, frames, session=self._out))
+        try:
+            send_frames(sock, protocol.encode(self._key, kind, fields, frames, session=self._out),
+                        block=False)
+        except zmq.Again:
+            # SNDHWM is 0: refused only once libzmq gave the connection up for good
+            # (a refused or failed handshake), when a blocking send would never return.
+            self._give_up(self._watch.check() or (
+                f"the connection to the broker at {self.address} was closed for good (its "
+                "handshake failed); check that this client has the broker's connection file"))
+
+    def _give_up(self, why: str) -> None:
+        """The broker cannot be reached, for good: fail everything waiting with
+        BrokerUnreachable(why); from now on the client can only be closed."""
+        if self._broken is None:
+            self._broken = why
+            logger.error("%s", why)
+        error = BrokerUnreachable(why)
+        for tid in list(self._pending):
+            self._fail(tid, error)
+        waiters = list(self._replies.values()) + list(self._status_waiters)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._welcome.set()  # Client() stops waiting, and raises
 
     def _flush(self, sock, leader: bool = False) -> bool:
         """Send everything queued, submits coalesced; False once the client closes.
@@ -532,8 +572,7 @@ class Client:
         A leader leaves ``close`` to the IO thread and stops leading.
         """
         if self._woken:
-            # Read, then clear: the other order can leave the flag set with the
-            # pipe empty, and a later command would wait for the poll to time out.
+            # Drain, then lower the flag (see _wake).
             try:
                 os.read(self._wake_r, 4096)
             except (BlockingIOError, OSError):
@@ -607,6 +646,11 @@ class Client:
             self._last_heard = time.monotonic()
             try:
                 msg = protocol.decode(self._key, frames, guard=self._guard)
+            except FrameAltered as exc:
+                logger.error("a message from the broker was altered in transit: %s", exc)
+                if exc.message.kind == Kind.RESULTS:
+                    self._on_altered_results(exc.message)
+                continue
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
@@ -737,6 +781,21 @@ class Client:
             if target is not None:
                 settle(target, status, part, meta, held)
 
+    def _on_altered_results(self, msg: protocol.Message) -> None:
+        """RESULTS whose large frame did not match its signed digest: fail their futures
+        (nothing of them is unpickled) rather than leave them waiting for ever."""
+        entries = msg.header.get("r")
+        for entry in entries if isinstance(entries, list) else ():
+            tid = entry[0] if isinstance(entry, list) and entry else None
+            if not isinstance(tid, int) or tid not in self._pending:
+                continue
+            self._fail(tid, TransferError(
+                f"the result of task {tid} was altered in transit on its way from the "
+                "worker (a frame does not match its signed digest), so it was not unpickled. "
+                "Check the network path; a Curve-secured broker (the default beyond loopback) "
+                "rules this out. Run the task again"))
+            self._release(tid)
+
     # ------------------------------------------------------------ keyed maps
     def results(self, key: str, timeout: float = 30.0) -> MapResult:
         """Re-attach to the keyed map ``key`` without resubmitting anything.
@@ -755,9 +814,17 @@ class Client:
         """Drop the results the broker keeps for the keyed map ``key``."""
         self._request((Kind.ATTACH, key, True), timeout)
 
-    def _attach(self, key: str, timeout: float = 30.0) -> tuple:
-        """``(done, running)`` parts of keyed map ``key`` (see Broker._on_attach)."""
-        header, frames = self._request((Kind.ATTACH, key, False), timeout)
+    def _attach(self, key: str, adopt: Callable[[list], None],
+                timeout: float = 30.0) -> tuple:
+        """``(done, running)`` parts of keyed map ``key`` (see Broker._on_attach).
+
+        ``adopt(running)`` runs on the thread that receives the answer, before it
+        handles the next message: the broker routes results of the running parts
+        here from then on, and one arriving before its part is registered in
+        ``_pending`` would be dropped.
+        """
+        header, frames = self._request((Kind.ATTACH, key, False), timeout,
+                                       lambda reply: adopt(reply[0]["running"]))
         done, pos = [], 0
         for start, count, status, n, meta in header["done"]:
             done.append((start, count, status, frames[pos:pos + n], meta))
@@ -850,10 +917,16 @@ class Client:
             raise BrokerError(header["error"])
         return header, frames
 
-    def _request(self, command: tuple, timeout: float):
-        """Send a request that the broker answers by id; return its answer."""
+    def _request(self, command: tuple, timeout: float,
+                 on_reply: Optional[Callable[[Any], None]] = None):
+        """Send a request that the broker answers by id; return its answer.
+
+        ``on_reply(answer)`` runs first, on the thread that receives it.
+        """
         request = next(self._tids)
         reply = self._replies[request] = Future(("request", request))
+        if on_reply is not None:
+            reply.add_done_callback(lambda done: done.exception() or on_reply(done.result()))
         self._post(command + (request,))
         try:
             return reply.result(timeout)

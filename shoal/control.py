@@ -74,6 +74,7 @@ class Control(threading.Thread):
         self._pending_interrupts: dict[int, tuple] = {}  # thread id -> (bid, exception type)
         self._lock = threading.Lock()
         self._halt = threading.Event()
+        self._last_error = 0.0  # when an unexpected error was last logged
 
     def install(self) -> None:
         """Install the interrupt signal handler; call from the main thread."""
@@ -85,28 +86,52 @@ class Control(threading.Thread):
 
     def _send(self, kind: str, fields: dict) -> None:
         fields["wid"] = self.worker.ident
-        send_frames(self.sock, protocol.encode(self.worker.key, kind, fields, session=self.session))
+        try:
+            send_frames(self.sock, protocol.encode(self.worker.key, kind, fields,
+                                                   session=self.session), block=False)
+        except zmq.Again:
+            # No connection to queue it on (or a full queue): a heartbeat or an output
+            # line is worth nothing late, and waiting here would stop this thread.
+            logger.debug("control message %s not sent: no connection to the broker", kind)
 
     def run(self) -> None:
         worker = self.worker
         next_beat = 0.0
         try:
             while not self._halt.is_set():
-                if self.sock.poll(int(STREAM_SECONDS * 1000)):
-                    self._receive()
-                self._stream()
-                self._enforce_timeouts()
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + HEARTBEAT_SECONDS
-                    self._send(Kind.HEARTBEAT, {"running": list(worker.running_now)})
-                    if worker.parent_pid and os.getppid() != worker.parent_pid:
-                        logger.info("parent process %d is gone; worker stopping", worker.parent_pid)
-                        worker.stop()
-        except Exception:
-            logger.exception("worker control thread failed")
+                # Each step is guarded: this thread must outlive any one bad message or
+                # bug, or the worker stops heartbeating and is declared lost while alive.
+                try:
+                    if self.sock.poll(int(STREAM_SECONDS * 1000)):
+                        self._receive()
+                    failure = worker.watch.check()
+                    if failure is not None:
+                        worker.fail(failure)
+                    self._stream()
+                    self._enforce_timeouts()
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        next_beat = now + HEARTBEAT_SECONDS
+                        self._send(Kind.HEARTBEAT, {"running": list(worker.running_now)})
+                        if worker.parent_pid and os.getppid() != worker.parent_pid:
+                            logger.info("parent process %d is gone; worker stopping",
+                                        worker.parent_pid)
+                            worker.stop()
+                except Exception:
+                    self._log_error("the worker's control thread hit an error; serving on")
         finally:
+            failure = worker.watch.check()  # a refusal seen only as the worker stops
+            if failure is not None:
+                worker.fail(failure)
+            worker.watch.close()
             self.sock.close(linger=500)
+
+    def _log_error(self, text: str) -> None:
+        """Log an unexpected error with its traceback, at most every 5 s (it may repeat)."""
+        now = time.monotonic()
+        if now - self._last_error >= 5.0:
+            self._last_error = now
+            logger.exception(text)
 
     def _receive(self) -> None:
         while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
@@ -115,21 +140,35 @@ class Control(threading.Thread):
             except ProtocolError as exc:
                 logger.warning("dropped a control message: %s", exc)
                 continue
-            if msg.kind == Kind.CANCEL:
-                self._on_cancel(msg.header)
-            elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
-                # The broker restarted and does not know this worker: register again.
-                logger.info("the broker does not know this worker (it restarted?): registering")
-                self.worker.waiting.clear()  # units of the old run: their clients were told
-                self._send(Kind.WORKER_HELLO, self.worker.hello_fields())
+            try:
+                if msg.kind == Kind.CANCEL:
+                    self._on_cancel(msg.header)
+                elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
+                    # The broker restarted and does not know this worker: register again.
+                    logger.info("the broker does not know this worker (it restarted?): "
+                                "registering")
+                    self.worker.waiting.clear()  # units of the old run: their clients were told
+                    self._send(Kind.WORKER_HELLO, self.worker.hello_fields())
+            except Exception:
+                self._log_error(f"a malformed {msg.kind} control message from the broker "
+                                "was dropped")
 
     def _on_cancel(self, header: dict) -> None:
-        """Withdraw units not started; interrupt running ones if asked to."""
+        """Withdraw units not started; interrupt running ones if asked to.
+
+        A request of the wrong shape is answered as one that named no task, so
+        the broker is not left waiting for this worker's answer.
+        """
         worker = self.worker
-        withdrawn = [bid for bid in header["b"] if worker.waiting.pop(bid, None) is not None]
+        bids = header.get("b")
+        if not isinstance(bids, list) or not all(type(bid) is int for bid in bids):
+            logger.warning("a malformed cancel request (task ids %.80r): answered as naming none",
+                           bids)
+            bids = []
+        withdrawn = [bid for bid in bids if worker.waiting.pop(bid, None) is not None]
         interrupted = []
         if header.get("r", True):
-            for bid in header["b"]:
+            for bid in bids:
                 if self.interrupt(bid, CancelInterrupt):
                     interrupted.append(bid)
         self._send(Kind.CANCELLED, {"b": withdrawn, "i": interrupted, "rq": header.get("rq")})

@@ -130,5 +130,11 @@ class BrokerLost(ShoalError):
     """The broker stopped answering, or restarted, while tasks were in flight."""
 
 
+class TransferError(ShoalError):
+    """A task or its result did not arrive intact: a frame was altered in transit (it does
+    not match its signed digest) or the message was malformed.  Nothing of it was run or
+    unpickled; the worker goes on serving."""
+
+
 class ResultTooLarge(ShoalError):
     """A task's result was over its worker's ``--max-result-size``; nothing was sent."""

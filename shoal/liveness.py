@@ -10,7 +10,10 @@ Defaults (all documented in docs/reliability.md):
   with :class:`shoal.WorkerLost` instead of killing more of them;
 * a client heartbeats every second; the broker forgets a client silent for
   :data:`CLIENT_TIMEOUT` seconds and drops its queued tasks, except those of
-  keyed maps, whose results it keeps for the client's return.
+  keyed maps, whose results it keeps for the client's return;
+* on a Curve-secured broker, a worker whose key is revoked is deregistered at
+  once (its first message after, or the next tick) and what it held is requeued
+  without counting against it, so it is sent no task from then on.
 """
 from __future__ import annotations
 
@@ -115,6 +118,30 @@ class Liveness:
                 doomed.append(unit)
         if doomed:
             self._deliver_lost(doomed)
+
+    def _check_revoked(self: "Broker") -> None:
+        """Deregister workers whose key left the allow-list (each tick: a lookup per worker)."""
+        for worker in list(self.workers.values()):
+            if worker.key is not None and self.allow.name_of(worker.key) is None:
+                self._revoke_worker(worker)
+
+    def _deregister_revoked(self: "Broker", ident: bytes) -> None:
+        """A message came from a socket whose key was revoked: forget its worker or client."""
+        for worker in list(self.workers.values()):
+            if ident in (worker.ident, worker.control):
+                self._revoke_worker(worker)
+        if ident in self.clients:
+            logger.warning("client %s: its key was revoked; forgetting it", ident.hex())
+            self._forget_client(ident)
+
+    def _revoke_worker(self: "Broker", worker: WorkerRecord) -> None:
+        if self.workers.get(worker.ident) is not worker:
+            return
+        del self.workers[worker.ident]
+        logger.warning("worker %s: its key was revoked; deregistered, and the %d task(s) it "
+                       "held go back to the queue", worker.name, len(worker.running))
+        self._fail_addressed_to(worker, f"the key of worker {worker.name} was revoked")
+        self._requeue(worker)  # no reason given: its tasks are not to blame
 
     def _on_worker_lost(self: "Broker", ident: bytes, msg) -> None:
         """A local cluster saw a worker process exit: act now, not after the timeout."""

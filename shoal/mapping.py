@@ -1,4 +1,4 @@
-"""``client.map``: batches sized from measured task time, results in input order."""
+"""``client.map``: batches sized from measured task time and size, results in input order."""
 from __future__ import annotations
 
 import itertools
@@ -18,8 +18,14 @@ from .refs import collect_refs
 if TYPE_CHECKING:
     from .client import Client
 
-#: A map batch is sized to take about this long on a worker.
+#: A map batch is sized to take about this long on a worker ...
 TARGET_BATCH_SECONDS = 0.05
+#: ... and to carry at most about this many bytes of results (or of inputs), measured
+#: per item, so large values do not make batches of hundreds of megabytes.
+TARGET_BATCH_BYTES = 4 << 20
+#: What a map's window of batches in flight may carry in all; with many slots each
+#: batch gets a smaller share, so memory stays bounded however large the cluster.
+IN_FLIGHT_BYTES = 64 << 20
 MAX_BATCH = 100_000
 
 
@@ -91,6 +97,9 @@ class MapResult:
         self._feed_error: Optional[BaseException] = None
         self._cancelled = False
         self._per_item: Optional[float] = None
+        # Bytes per item of results (measured by workers) and of inputs (measured here).
+        self._result_bytes: Optional[float] = None
+        self._input_bytes: Optional[float] = None
         self._item_futures: Optional[list] = None
         # A map over a generator streams: once the caller iterates, values are
         # released as they are passed and the feeder waits for a consumer that
@@ -119,6 +128,10 @@ class MapResult:
         if self._per_item is None:
             return 1  # a probe: measure before sending more
         size = int(TARGET_BATCH_SECONDS / max(self._per_item, 1e-7))
+        per_item_bytes = max(self._result_bytes or 0.0, self._input_bytes or 0.0)
+        if per_item_bytes:
+            budget = min(TARGET_BATCH_BYTES, IN_FLIGHT_BYTES / self._window())
+            size = min(size, int(budget / per_item_bytes))
         if self.total is not None:
             size = min(size, -(-(self.total - self._submitted) // (2 * slots)))
         return max(1, min(size, MAX_BATCH))
@@ -177,16 +190,21 @@ class MapResult:
         """The parts of this keyed map the broker kept or still runs, as batches."""
         from .client import settle
         client = self.client
-        done, running = client._attach(self.key)
+        adopted: dict = {}
+
+        def adopt(running: list) -> None:  # on the receiving thread (see Client._attach)
+            for start, count, tid in running:
+                adopted[tid] = client._pending[tid] = _Batch(tid, client, self, start, count,
+                                                             None)
+
+        done, running = client._attach(self.key, adopt)
         parts = []
         for start, count, status, frames, meta in done:
             batch = _Batch(("kept", self.key, start), client, self, start, count, None)
             settle(batch, status, frames, meta)
             parts.append((start, count, batch))
         for start, count, tid in running:
-            batch = _Batch(tid, client, self, start, count, None)
-            client._pending[tid] = batch
-            parts.append((start, count, batch))
+            parts.append((start, count, adopted[tid]))
         if parts and self._per_item is None:
             self._per_item = 1e-3  # measured again from the next results
         return sorted(parts, key=lambda p: p[0])
@@ -194,6 +212,8 @@ class MapResult:
     def _send_batch(self, items: list) -> None:
         start = self._submitted
         frames, meta, refs = self._encode(items, start)
+        size = serialize.payload_size(frames, meta)
+        self._input_bytes = _average(self._input_bytes, size / len(items))
         batch = _Batch(next(self.client._tids), self.client, self, start, len(items),
                        items if self.keep_inputs else None)
         batch._inputs = items  # until it finishes: a lost batch is rerun item by item
@@ -270,11 +290,12 @@ class MapResult:
         return True
 
     def observe(self, meta: dict) -> None:
-        """Learn per-item time from a finished batch (IO thread)."""
-        t, n = meta.get("t"), meta.get("n", 1)
+        """Learn per-item time and result size from a finished batch (IO thread)."""
+        t, n, size = meta.get("t"), max(1, meta.get("n", 1)), meta.get("rb")
         if t is not None:
-            per = t / max(1, n)
-            self._per_item = per if self._per_item is None else 0.5 * self._per_item + 0.5 * per
+            self._per_item = _average(self._per_item, t / n)
+        if size is not None:
+            self._result_bytes = _average(self._result_bytes, size / n)
 
     def _batch_done(self, batch: _Batch) -> None:
         batch._inputs = None
@@ -450,6 +471,11 @@ class MapResult:
         total = "?" if self.total is None else self.total
         return (f"<shoal.MapResult {serialize.fn_name(self.fn)} {self.done_count}/{total} done"
                 f"{f', {self.failed_count} failed' if self.failed_count else ''}>")
+
+
+def _average(mean: Optional[float], sample: float) -> float:
+    """A running mean that follows change quickly (each new sample weighs half)."""
+    return sample if mean is None else 0.5 * mean + 0.5 * sample
 
 
 def _combine(subs: list) -> tuple:

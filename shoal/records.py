@@ -72,6 +72,7 @@ class WorkerRecord:
     used: dict = field(default_factory=dict)  # what its running units hold
     task_names: frozenset = frozenset()  # named tasks it has (shoal worker --import)
     registered_only: bool = False  # runs named tasks of task_names only
+    key: Optional[str] = None  # its Curve public key, on a Curve-secured broker
 
     @property
     def prefetch(self) -> int:

@@ -8,6 +8,7 @@ it can run code on the workers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -18,7 +19,12 @@ from typing import Optional
 
 from .protocol import PROTOCOL_VERSION
 
+logger = logging.getLogger(__name__)
+
 KEY_BYTES = 32
+#: Connection files of these protocol versions hold the same fields (version 2
+#: changed only how messages are signed), so files made before an upgrade still work.
+READABLE_VERSIONS = frozenset({1, PROTOCOL_VERSION})
 
 
 def new_key() -> bytes:
@@ -101,7 +107,7 @@ def read_connection_file(path: str | os.PathLike) -> ConnectionInfo:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"connection file {path} lacks a valid 'address' or 'key' ({exc})") from None
     version = data.get("version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if not isinstance(version, int) or version not in READABLE_VERSIONS:
         raise ValueError(
             f"connection file {path} is for shoal protocol {version}, this is {PROTOCOL_VERSION}")
     curve = data.get("curve")
@@ -312,6 +318,71 @@ class AllowList:
         if isinstance(key, str):
             key = key.encode()
         return self._keys.get(key)
+
+
+class HandshakeWatch:
+    """Watches a socket's handshakes with the broker through libzmq's socket monitor.
+
+    libzmq never retries a connection whose key the broker refused, nor one where
+    only one side uses Curve: the socket is left with no connection, and a peer
+    would wait in silence.  :meth:`check` says why instead.  Attach before
+    ``connect`` and call from one thread only.
+    """
+
+    def __init__(self, sock, info: ConnectionInfo, role: str) -> None:
+        import zmq
+        self._zmq = zmq
+        self.info = info
+        self.role = role  # "worker" or "client", for the advice
+        self.monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._warned = False
+
+    def check(self) -> Optional[str]:
+        """Why the connection failed for good (a sentence saying what to do), or None."""
+        zmq = self._zmq
+        from zmq.utils.monitor import parse_monitor_message
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return None
+            why = self._explain(int(event["event"]), int(event["value"]))
+            if why is not None:
+                return why
+
+    def _explain(self, event: int, value: int) -> Optional[str]:
+        zmq, info = self._zmq, self.info
+        name = (info.curve or {}).get("name") or "NAME"
+        use = (f"shoal worker --connection-file {name}.json" if self.role == "worker"
+               else f'shoal.Client("{name}.json")')
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            key = (info.curve or {}).get("public_key", "none")
+            return (f"the broker at {info.address} refused this {self.role}'s key (Curve public "
+                    f"key {key}): it is not on the broker's allow-list, or it was revoked. Ask "
+                    f"the broker's admin to run `shoal keys create {name} --address "
+                    f"{info.address}` and give you the connection file it writes, then use "
+                    f"it: `{use}`")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", None):
+                mismatch = ("this {0} has Curve keys and the broker does not use Curve"
+                            if info.curve else "the broker uses Curve and this {0} has no Curve "
+                            "keys").format(self.role)
+                return (f"the handshake with the broker at {info.address} failed: {mismatch}. "
+                        f"Use a connection file that broker wrote for you (`shoal keys create "
+                        f"{name}` on its machine): `{use}`")
+            return (f"the handshake with the broker at {info.address} failed (ZeroMQ protocol "
+                    f"error {value:#x}); is a shoal broker of the same version listening there?")
+        if not self._warned:  # libzmq retries these: say it once, then keep trying
+            self._warned = True
+            logger.warning("the handshake with the broker at %s failed (%s); retrying. With a "
+                           "Curve-secured broker, check that the connection file holds its "
+                           "current server key", info.address, value)
+        return None
+
+    def close(self) -> None:
+        self.monitor.close(0)
 
 
 def apply_curve(sock, info: ConnectionInfo) -> None:

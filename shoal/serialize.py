@@ -278,6 +278,11 @@ def nbytes(frames: Sequence) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
+def payload_size(frames: Sequence, meta: dict) -> int:
+    """Bytes of a payload: its frames and the shared-memory segments ``meta`` names."""
+    return nbytes(frames) + sum(p[3] for p in meta.get("sb", ()))
+
+
 def digest(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()[:16]
 

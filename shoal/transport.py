@@ -17,12 +17,19 @@ _NOBLOCK = int(zmq.NOBLOCK)
 ZERO_COPY_MIN = 1 << 16
 
 
-def send_frames(sock: zmq.Socket, frames: list) -> None:
-    """Send ``frames`` as one multipart message."""
+def send_frames(sock: zmq.Socket, frames: list, block: bool = True) -> None:
+    """Send ``frames`` as one multipart message.
+
+    With ``block=False`` raises ``zmq.Again`` instead of waiting when the socket
+    cannot take the message.  On a socket with no send limit (``SNDHWM`` 0) that
+    means libzmq gave its connection up for good (a refused or failed handshake):
+    a blocking send would then wait for ever.
+    """
     send = sock.send
     last = len(frames) - 1
+    nowait = 0 if block else _NOBLOCK
     for i, frame in enumerate(frames):
-        flags = _MORE if i < last else 0
+        flags = (_MORE if i < last else 0) | nowait
         if len(frame) >= ZERO_COPY_MIN:
             send(frame, flags, copy=False)
         else:
@@ -33,13 +40,37 @@ class MessageTooLarge(ProtocolError):
     """A message over the receiver's frame or size limit; its frames were dropped."""
 
 
+_malloc_trim = None
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    libzmq assembles a whole multipart message before it hands over the first
+    frame, and no socket option bounds the sum of a message's frames; a message
+    dropped for its size leaves that much freed heap, which glibc keeps.  Where
+    there is no glibc this does nothing.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes  # only once a message was dropped for its size
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 def recv_frames(sock: zmq.Socket, block: bool = False, max_frames: int = 0,
                 max_bytes: int = 0) -> list:
     """Receive one multipart message as ``zmq.Frame`` objects (no copy).
 
     With limits, frames past ``max_frames`` or ``max_bytes`` in all are read
     and dropped one by one (never held together), then MessageTooLarge is
-    raised.  Raises ``zmq.Again`` when ``block`` is false and nothing waits.
+    raised.  (libzmq itself has buffered the whole message by then: see
+    :func:`release_memory`.)  Raises ``zmq.Again`` when ``block`` is false and
+    nothing waits.
     """
     recv = sock.recv
     frame = recv(0 if block else _NOBLOCK, copy=False)

@@ -31,14 +31,16 @@ import zmq
 from . import protocol, serialize, tasks
 from .capture import OutputRouter
 from .control import CancelInterrupt, Control, Interrupted, TimeoutInterrupt
-from .errors import RemoteError, ResultTooLarge, RetriesExhausted, Retry, TaskTimeout
-from .protocol import Kind, ProtocolError
-from .records import DEFAULT_QUEUE
+from .errors import (RemoteError, ResultTooLarge, RetriesExhausted, Retry, TaskTimeout,
+                     TransferError)
+from .objects import ObjectStore
 from .options import RETRY_BACKOFF_MAX
+from .protocol import FrameAltered, Kind, ProtocolError
+from .records import DEFAULT_QUEUE
 from .routing import parse_resources
 from .scheduling import backoff_delay
-from .security import (ConnectionInfo, apply_curve, find_local_broker, read_connection_file,
-                       read_key_file)
+from .security import (ConnectionInfo, HandshakeWatch, apply_curve, find_local_broker,
+                       read_connection_file, read_key_file)
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -51,44 +53,8 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
-
 # ----------------------------------------------------------------- objects
-_MISSING = object()
-
-
-class ObjectStore:
-    """Functions and scattered values by digest, decoded on first use."""
-
-    def __init__(self) -> None:
-        self._raw: dict[bytes, list] = {}
-        self._decoded: dict[bytes, Any] = {}
-        self._lock = threading.Lock()
-        #: build plain data only (a --registered-only worker; see shoal.tasks.safe_loads)
-        self.safe = False
-
-    def add(self, digest: bytes, frames: list) -> None:
-        self._raw[digest] = frames
-
-    def forget(self, digests) -> None:
-        for d in digests:
-            self._raw.pop(d, None)
-            self._decoded.pop(d, None)
-
-    def get(self, digest: bytes) -> Any:
-        value = self._decoded.get(digest, _MISSING)
-        if value is _MISSING:
-            with self._lock:
-                value = self._decoded.get(digest, _MISSING)
-                if value is _MISSING:
-                    frames = self._raw.get(digest)
-                    if frames is None:
-                        raise LookupError(f"object {digest.hex()} was never sent to this worker")
-                    value = serialize.loads(frames, safe=self.safe)
-                    self._decoded[digest] = value
-        return value
-
-
-store = ObjectStore()
+store = ObjectStore()  # this process's; Ref pickles resolve through it
 
 #: A namespace that lives as long as the worker process, for code that sets up
 #: state once and uses it in later tasks (the notebook's ``%%remote`` cells).
@@ -123,6 +89,44 @@ def encode_exception(exc: BaseException) -> list:
     return frames
 
 
+def _parse_tasks(header: dict, frames: list) -> tuple:
+    """``(objects, digests to forget, units)`` of a TASKS message, checked whole.
+
+    Raises KeyError, TypeError or ValueError for a message of the wrong shape
+    (a bug in the broker, yet no reason to stop), before anything is kept.
+    """
+    pos, objects = 0, []
+    for digest, n in header.get("ob", ()):
+        if type(digest) is not bytes or type(n) is not int or n < 0:
+            raise ValueError(f"object entry {[digest, n]!r:.80} is not [digest, frame count]")
+        objects.append((digest, frames[pos:pos + n]))
+        pos += n
+    forget = header.get("fg") or []
+    if not isinstance(forget, list) or not all(type(d) is bytes for d in forget):
+        raise ValueError(f"'fg' {forget!r:.80} is not a list of digests")
+    units = []
+    for bid, refs, n, meta in header["u"]:
+        if (type(bid) is not int or not isinstance(refs, list)
+                or not all(type(r) is bytes for r in refs) or type(n) is not int or n < 0
+                or not isinstance(meta, dict)
+                or not (refs or isinstance(meta.get("fn"), str))):  # a function, or a task name
+            raise ValueError(f"unit entry {[bid, refs, n, meta]!r:.80} is not "
+                             "[id, [function digest, ...], frame count, meta]")
+        units.append((bid, refs, frames[pos:pos + n], meta))
+        pos += n
+    if pos != len(frames):
+        raise ValueError(f"its entries name {pos} frames, it has {len(frames)}")
+    return objects, forget, units
+
+
+def _unit_ids(header: dict) -> list:
+    """The unit ids a TASKS header names, as far as they can be made out."""
+    units = header.get("u")
+    if not isinstance(units, list):
+        return []
+    return [u[0] for u in units if isinstance(u, list) and u and type(u[0]) is int]
+
+
 # ----------------------------------------------------------------- worker
 class Worker:
     """A worker process connected to the broker at ``address``."""
@@ -149,6 +153,9 @@ class Worker:
         self.max_result_size = max_result_size
         self.host = serialize.host_id()
         self.ctx = zmq.Context.instance()
+        #: the process's exit status: 1 once the connection failed for good (see fail)
+        self.exit_code = 0
+        self._failure: Optional[str] = None
         # Named sockets: the control thread's socket tells the broker which
         # worker it speaks for by this identity.
         self.ident = b"w" + secrets.token_bytes(15)
@@ -161,6 +168,9 @@ class Worker:
         self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.curve = curve
         self.apply_curve(self.sock)
+        # Read by the control thread: a broker that refuses this worker's key is
+        # said so, and the worker exits, instead of waiting in silence.
+        self.watch = HandshakeWatch(self.sock, ConnectionInfo(address, key, curve=curve), "worker")
         self.sock.connect(address)
         self.session = protocol.Session()
         self.guard = protocol.ReplayGuard()
@@ -188,7 +198,16 @@ class Worker:
             for i in range(slots)]
 
     def _send(self, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        send_frames(self.sock, protocol.encode(self.key, kind, fields, frames, session=self.session))
+        try:
+            send_frames(self.sock, protocol.encode(self.key, kind, fields, frames,
+                                                   session=self.session), block=False)
+        except zmq.Again:
+            # SNDHWM is 0: the socket refuses a message only when libzmq has given
+            # its connection up for good, and a blocking send would never return.
+            # (Why, the control thread reads from the socket monitor: it owns it.)
+            self.fail(f"the connection to the broker at {self.address} was closed for good "
+                      "(its handshake failed); check that this worker has the broker's "
+                      "connection file")
 
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
@@ -240,12 +259,21 @@ class Worker:
         self._stopping = True
         os.write(self._wake_w, b"x")
 
+    def fail(self, why: str) -> None:
+        """The broker cannot be reached, for good: say why, stop, exit with status 1."""
+        if why != self._failure:  # the main and control threads may both find out
+            self._failure = why
+            logger.error("%s", why)
+        self.exit_code = 1
+        self.stop()
+
     def _close(self) -> None:
         self.control.stop()
-        try:
-            self._send(Kind.WORKER_BYE)
-        except zmq.ZMQError:
-            pass
+        if self._failure is None:
+            try:
+                self._send(Kind.WORKER_BYE)
+            except zmq.ZMQError:
+                pass
         self.control.join(2)
         for _ in self.threads:
             self.inbox.put(None)
@@ -261,6 +289,11 @@ class Worker:
             frames = recv_frames(sock)
             try:
                 msg = protocol.decode(self.key, frames, guard=self.guard)
+            except FrameAltered as exc:
+                logger.error("a message from the broker was altered in transit: %s", exc)
+                if exc.message.kind == Kind.TASKS:
+                    self._on_altered_tasks(exc.message)
+                continue
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
@@ -270,25 +303,63 @@ class Worker:
                 logger.info("broker asked this worker to stop")
                 self._stopping = True
             elif msg.kind == Kind.WELCOME:
-                self.name = msg.header.get("name", self.name)
+                name = msg.header.get("name")
+                self.name = name if isinstance(name, str) else self.name
                 logger.info("registered with the broker as %s", self.name)
             elif msg.kind == Kind.ERROR:
                 logger.error("broker refused a message: %s", msg.header.get("msg"))
 
     def _on_tasks(self, msg: protocol.Message) -> None:
-        header, frames = msg.header, msg.frames
-        pos = 0
-        for digest, n in header.get("ob", ()):
-            store.add(digest, frames[pos:pos + n])
-            pos += n
-        if header.get("fg"):
-            store.forget(header["fg"])
+        try:
+            objects, forget, units = _parse_tasks(msg.header, msg.frames)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._fail_units(msg.header, f"worker {self.name} refused the TASKS message that "
+                             f"carried this task, as malformed: {exc!r}. This is a bug in the "
+                             "broker (or in a peer holding the cluster key)")
+            return
+        for digest, frames in objects:
+            store.add(digest, frames)
+        if forget:
+            store.forget(forget)
         put = self.pending.put if self.inline else self.inbox.put
         waiting = self.waiting
-        for bid, refs, n, meta in header["u"]:
-            waiting[bid] = (bid, refs, frames[pos:pos + n], meta)
-            put(bid, meta.get("pr", 0))
-            pos += n
+        for unit in units:
+            waiting[unit[0]] = unit
+            put(unit[0], unit[3].get("pr", 0))
+
+    def _on_altered_tasks(self, msg: protocol.Message) -> None:
+        """A TASKS message whose signature held but a large frame did not match its digest.
+
+        Nothing of it runs and nothing altered is unpickled; its tasks fail at once, so
+        none holds a slot for ever.  Intact objects are kept (the broker counts them sent).
+        """
+        why = (f"a frame of the message that carried this task to worker {self.name} was "
+               "altered in transit (it does not match its signed digest), so nothing of it "
+               "was run or unpickled. Check the network path to the broker; a Curve-secured "
+               "broker (the default beyond loopback) rules this out. Submit it again")
+        try:
+            objects, forget, _ = _parse_tasks(msg.header, msg.frames)
+        except (KeyError, TypeError, ValueError):
+            objects, forget = [], []
+        for digest, frames in objects:
+            if any(frame is None for frame in frames):
+                store.refuse(digest, f"function or scattered data {digest.hex()} reached worker "
+                             f"{self.name} altered in transit (it does not match its signed "
+                             "digest); tasks that use it fail here")
+            else:
+                store.add(digest, frames)
+        if forget:
+            store.forget(forget)
+        self._fail_units(msg.header, why)
+
+    def _fail_units(self, header: dict, why: str) -> None:
+        """Fail the units a TASKS message names with TransferError(why), at once."""
+        bids = _unit_ids(header)
+        logger.error("failing %d task(s): %s", len(bids), why)
+        frames = encode_exception(TransferError(why))
+        for bid in bids:
+            self.outbox.append((bid, "err", frames, {}))
+        self._flush_results()
 
     # -- slots
     def _slot(self) -> None:
@@ -406,6 +477,8 @@ class Worker:
             reply.update(shm_meta)
         if meta.get("m"):
             reply["n"] = meta.get("n", 1)
+            # Its size, so the client sizes later batches by bytes as well as by time.
+            reply["rb"] = serialize.payload_size(out_frames, shm_meta)
             if status == "ok" and value[1]:
                 reply["f"] = len(value[1])  # items that failed, for progress counts
         out, err = self.stdout.end(), self.stderr.end()
@@ -427,7 +500,7 @@ class Worker:
                 f"the result of {serialize.fn_name(fn)!r}, of type "
                 f"{type(value).__module__}.{type(value).__qualname__}, cannot be pickled: {exc}"
             ) from exc
-        size = serialize.nbytes(out_frames) + sum(p[3] for p in shm_meta.get("sb", ()))
+        size = serialize.payload_size(out_frames, shm_meta)
         if check_size and size > self.max_result_size:
             for name in serialize.segment_names(shm_meta):
                 serialize.segments.unlink(name)
@@ -691,7 +764,7 @@ def main(argv: Optional[list] = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
     worker.run()
-    return 0
+    return worker.exit_code
 
 
 if __name__ == "__main__":

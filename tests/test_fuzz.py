@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shoal import protocol, serialize
+from shoal.errors import TransferError
 from shoal.protocol import BIG_FRAME, Kind
 
 from conftest import wait_until
@@ -104,10 +105,10 @@ random_multipart = st.one_of(
     small_frames,
     st.builds(lambda sig, rest: [sig, *rest], st.binary(min_size=32, max_size=32), small_frames))
 
-#: Mutations of a signed message.  Moving bytes across the boundary of two body
-#: frames is left out: the signature does not cover where frames begin (see the
-#: xfail test below), so such a message is accepted.
+#: Mutations of a signed message, moving bytes across the boundary of two frames
+#: included (the signature covers where each frame begins and ends).
 mutation = st.one_of(
+    st.tuples(st.just("move"), st.integers(0, 30), st.integers(-64, 64)),
     st.tuples(st.just("flip"), st.integers(0, 30), st.integers(0, 10 ** 6), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(0, 30), st.integers(0, 10 ** 6)),
     st.tuples(st.just("drop"), st.integers(0, 30)),
@@ -147,6 +148,12 @@ def mutate(frames: list, ops: list) -> list:
             frames.insert(args[0] % (len(frames) + 1), args[1])
         elif name == "reverse":
             frames.reverse()
+        elif name == "move" and len(frames) > 1:
+            # Shift the boundary between frames i and i+1 by ``shift`` bytes.
+            i = args[0] % (len(frames) - 1)
+            joined = frames[i] + frames[i + 1]
+            cut = min(max(len(frames[i]) + args[1], 0), len(joined))
+            frames[i], frames[i + 1] = joined[:cut], joined[cut:]
     return frames
 
 
@@ -237,9 +244,8 @@ def test_broker_refuses_mutated_signed_messages(fuzz_broker, peer, markers):
     def check(which, ops):
         original = _signed_samples(peer, markers)[which]
         mutated = mutate(original, ops)
-        if b"".join(mutated[1:]) == b"".join(original[1:]) and mutated[0] == original[0] and (
-                len(mutated) == len(original)):
-            return  # the same bytes in the same frames (or only a frame boundary moved)
+        if [bytes(f) for f in mutated] == [bytes(f) for f in original]:
+            return  # the mutations cancelled out: the very same frames
         _refused_by_broker(peer, mutated, "broker: mutated signed messages")
 
     check()
@@ -259,7 +265,7 @@ def test_broker_drops_messages_with_huge_frame_counts(fuzz_broker, peer):
     _serves(fuzz_broker)
 
 
-IDENT_FIELDS = ("wid", "rt", "ctl")  # a non-bytes identity is pinned by an xfail test below
+IDENT_FIELDS = ("wid", "rt", "ctl")  # socket identities: mostly bytes, sometimes not
 FIELDS = ("u", "ob", "t", "r", "b", "i", "rq", "slots", "name", "pid", "host", "running",
           "key", "drop", "to", "msg", "session", "o", "e", "why", "bd", "stale", "x")
 unit_entry = st.tuples(st.one_of(st.integers(-5, 2 ** 40), values),
@@ -268,7 +274,7 @@ unit_entry = st.tuples(st.one_of(st.integers(-5, 2 ** 40), values),
                        st.dictionaries(st.sampled_from(["to", "k", "ks", "n", "x"]), values,
                                        max_size=3)).map(list)
 field_values = {name: values for name in FIELDS}
-field_values.update({name: st.binary(max_size=17) for name in IDENT_FIELDS})
+field_values.update({name: st.one_of(st.binary(max_size=17), values) for name in IDENT_FIELDS})
 field_values["u"] = st.one_of(values, st.lists(unit_entry, max_size=3))
 field_values["r"] = st.one_of(values, st.lists(unit_entry, max_size=3))
 field_values["ob"] = st.one_of(values, st.lists(st.tuples(st.binary(min_size=16, max_size=16),
@@ -310,35 +316,38 @@ def lone_broker(tmp_path):
     broker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker.py _on_worker_hello takes the header's 'wid' as the worker's socket identity "
-    "without checking it is bytes; the next _dispatch (in run(), outside the per-message "
-    "try) then fails in send_frames with TypeError and the broker exits"))
 def test_broker_survives_signed_worker_hello_whose_identity_is_not_bytes(lone_broker):
     peer = RawPeer(lone_broker.address, lone_broker.info.key)
     try:
         peer.hello()
         peer.send(peer.encode(Kind.WORKER_HELLO, {"wid": 5, "slots": 1, "name": "bad"}))
-        # On the same connection, so handled right after: a task for "worker" 5.
+        refused, _ = peer.wait_for(Kind.ERROR)
+        assert "malformed" in refused.header["msg"] and "'wid'" in refused.header["msg"]
+        for field, value in (("ctl", [1]), ("wid", b""), ("wid", b"w" * 256)):
+            peer.send(peer.encode(Kind.WORKER_HELLO, {field: value, "slots": 1, "name": "bad"}))
+            assert f"'{field}'" in peer.wait_for(Kind.ERROR)[0].header["msg"]
+        for kind in (Kind.SCATTER, Kind.CANCEL):
+            peer.send(peer.encode(kind, {"bs": peer.bs, "rt": 5, "t": [], "ob": []}))
+            assert "'rt'" in peer.wait_for(Kind.ERROR)[0].header["msg"]
+        # On the same connection, so handled right after: a task nobody can take.
         peer.send(peer.encode(Kind.SUBMIT, *submit_fields(pow, (2, 2), 1, peer.bs)))
         # The broker dispatches once no message is waiting; a quick question-and-answer
         # keeps its burst going, so ask at a gentler pace for a while.
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            peer.status(timeout=5)
+            state, _ = peer.status(timeout=5)
             assert lone_broker.proc.poll() is None
+            assert state["workers"] == 0, "a hello with a malformed identity registered a worker"
             time.sleep(0.05)  # polling with a deadline
+        assert state["counts"]["submitted"] == 1 and state["counts"]["dropped"] == 6
     finally:
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the broker decodes with verify_buffers=False, so a SUBMIT whose large frame (>= 64 KiB) "
-    "was altered after signing is accepted and dispatched; the worker's decode refuses the "
-    "whole TASKS message (digest mismatch) and answers nothing, so the unit stays RUNNING on "
-    "the broker for ever and holds the worker's slot: a one-slot worker never runs another "
-    "task (worker.py _receive drops it; broker.py never learns)"))
 def test_a_task_whose_large_frame_was_altered_does_not_block_the_worker(tmp_path):
+    """The broker routes large frames unhashed (by design); the worker finds the altered
+    one, runs and unpickles nothing of it, and fails the task at once, so its one slot
+    serves the next task."""
     broker = BrokerProcess(tmp_path, "--log-level", "ERROR")
     worker = start_worker(tmp_path, broker.connection_file, "one-slot")
     peer = RawPeer(broker.address, broker.info.key)
@@ -352,23 +361,62 @@ def test_a_task_whose_large_frame_was_altered_does_not_block_the_worker(tmp_path
             middle = len(message[-1]) // 2
             message[-1] = message[-1][:middle] + b"\x01" + message[-1][middle + 1:]  # in flight
             peer.send(message)
-            assert peer.status()[0]["counts"]["submitted"] == 1
+            state, before_status = peer.status()
+            assert state["counts"]["submitted"] == 1
+            # The answer may come before the status reply, or after it.
+            answers = [m for m in before_status if m.kind == Kind.RESULTS]
+            answer = answers[0] if answers else peer.wait_for(Kind.RESULTS, 30)[0]
+            [(tid, status, n, _meta)] = answer.header["r"]
+            assert (tid, status) == (1, "err")
+            error, _ = serialize.loads(answer.frames[:n])
+            assert isinstance(error, TransferError), error
+            assert "altered in transit" in str(error) and "one-slot" in str(error)
             assert client.submit(pow, 2, 3).result(timeout=5) == 8
+            state = client.status()
+            assert state["counts"]["failed"] == 1 and state["running"] == 0
+        assert "altered in transit" in (tmp_path / "one-slot.log").read_text()
     finally:
         peer.close()
         stop_process(worker)
         broker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "protocol._sign feeds the header and the small frames to the HMAC one after another "
-    "with no lengths, so moving bytes from one body frame to the next keeps the signature "
-    "valid: frame boundaries are not authenticated (fix: MAC each frame's length too)"))
+def test_a_result_whose_large_frame_was_altered_fails_its_future(lone_broker):
+    """The other way: a RESULTS frame altered between the worker and the client fails the
+    client's future with TransferError instead of leaving it waiting for ever."""
+    fake = RawPeer(lone_broker.address, lone_broker.info.key)  # a worker, by hand
+    try:
+        fake.send(fake.encode(Kind.WORKER_HELLO, {"name": "forger", "slots": 1}))
+        fake.wait_for(Kind.WELCOME)
+        with lone_broker.client() as client:
+            future = client.submit(pow, 2, 5)
+            tasks, _ = fake.wait_for(Kind.TASKS, 30)
+            bid = tasks.header["u"][0][0]
+            value, _ = serialize.dumps(b"\x02" * BIG_FRAME)
+            reply = fake.encode(Kind.RESULTS, {"r": [[bid, "ok", len(value), {}]]}, value)
+            reply[-1] = b"\x03" + bytes(reply[-1])[1:]  # altered after signing
+            fake.send(reply)
+            with pytest.raises(TransferError, match="altered in transit"):
+                future.result(timeout=10)
+            assert client.status()["counts"]["done"] == 1  # the broker routed it unhashed
+    finally:
+        fake.close()
+
+
 def test_the_signature_covers_where_body_frames_begin_and_end():
     key = os.urandom(32)
     sig, header, first, second = protocol.encode(key, Kind.STATUS, {}, [b"ab", b"cd"])
+    assert protocol.decode(key, [sig, header, first, second]).frames == [b"ab", b"cd"]
+    for moved in ([b"a", b"bcd"], [b"abc", b"d"], [b"", b"abcd"], [b"abcd", b""]):
+        with pytest.raises(protocol.ProtocolError, match="bad signature"):
+            protocol.decode(key, [sig, header, *moved])
+    # Between the header and the first frame too, and with a large frame beside them.
+    with pytest.raises(protocol.ProtocolError, match="bad signature"):
+        protocol.decode(key, [sig, bytes(header) + b"a", b"b", second])
+    big = b"\x07" * BIG_FRAME
+    sig, header, small, large = protocol.encode(key, Kind.STATUS, {}, [b"ab", big])
     with pytest.raises(protocol.ProtocolError):
-        protocol.decode(key, [sig, header, b"a", b"bcd"])
+        protocol.decode(key, [sig, header, small + large[:1], large[1:]])
 
 
 # ================================================================= a worker, via a fake broker
@@ -391,6 +439,7 @@ class FakeBroker:
                           os.environ.copy(), self.log)
         self.main = self.control = None
         self.heartbeats = 0
+        self.outcomes: dict = {}  # unit id -> the frames of its result
         self._bids = itertools.count(10_000_000)
         self.fn_payload, self.fn_digest = serialize.dumps_function(abs)
         deadline = time.monotonic() + 30
@@ -443,8 +492,11 @@ class FakeBroker:
                                      f"log: {self.log_text()[-2000:]}")
             msg = self.recv(min(left, 0.2))
             if msg is not None and msg.kind == Kind.RESULTS:
+                pos = 0
                 for entry in msg.header["r"]:
                     seen[entry[0]] = entry[1]
+                    self.outcomes[entry[0]] = msg.frames[pos:pos + entry[2]]
+                    pos += entry[2]
         assert seen[bid] == "ok"
         return seen
 
@@ -509,8 +561,8 @@ def test_worker_never_unpickles_a_mutated_signed_message(fake_broker, markers):
     def check(which, ops, to_control):
         original = samples()[which]
         mutated = mutate(original, ops)
-        if b"".join(mutated) == b"".join(original) and len(mutated) == len(original):
-            return
+        if mutated == [bytes(f) for f in original]:
+            return  # the mutations cancelled out: the very same frames
         fake_broker.send(fake_broker.control if to_control else fake_broker.main, mutated)
         seen = fake_broker.probe()
         assert len(seen) == 1, f"the worker ran a mutated task: {seen}"
@@ -593,23 +645,54 @@ def lone_worker(tmp_path):
     fake.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "worker.py Worker._receive calls _on_tasks without a guard: a signed TASKS whose header "
-    "lacks 'u' (or whose entries are not [bid, refs, n, meta]) raises KeyError/TypeError out "
-    "of Worker.run and the worker process exits"))
-@pytest.mark.parametrize("fields", [{}, {"u": 5}, {"u": [[1, 2]]}, {"u": [], "ob": [[[], 1]]}],
-                         ids=["no-units", "units-not-a-list", "unit-too-short",
-                              "object-digest-unhashable"])
-def test_worker_survives_a_signed_tasks_message_of_the_wrong_shape(lone_worker, fields):
+def test_a_function_that_arrived_altered_fails_every_task_that_uses_it(lone_worker, markers):
+    digest, bid = os.urandom(16), next(lone_worker._bids)
+    big_touch = pickle.dumps((_Touch(markers / "altered-function"), b"\x00" * BIG_FRAME))
+    message = lone_worker.tasks([[bid, [digest], 0, {}]], [[digest, 1]], [big_touch])
+    message[2] = bytes(message[2])[:-1] + b"\x01"  # altered after signing
+    lone_worker.send(lone_worker.main, message)
+    assert lone_worker.probe(expect=[bid])[bid] == "err"
+    later = next(lone_worker._bids)  # the broker counts the function as sent: not again
+    lone_worker.send(lone_worker.main, lone_worker.tasks([[later, [digest], 0, {}]]))
+    assert lone_worker.probe(expect=[later])[later] == "err"
+    for unit in (bid, later):
+        error, _ = serialize.loads(lone_worker.outcomes[unit])
+        assert isinstance(error, TransferError) and "altered in transit" in str(error), error
+    assert_nothing_executed(markers)
+
+
+@pytest.mark.parametrize("fields, failed", [
+    ({}, []), ({"u": 5}, []), ({"u": [[1, 2]]}, [1]), ({"u": [], "ob": [[[], 1]]}, []),
+    ({"u": [[2, [b"f" * 16], 3, {}]]}, [2]), ({"u": [[3, [b"f" * 16], 0, "meta"]]}, [3]),
+    ({"u": [[4, [], 0, {}], [5, [b"f" * 16], 0, {}]]}, [4, 5]), ({"u": [], "fg": [[]]}, []),
+], ids=["no-units", "units-not-a-list", "unit-too-short", "object-digest-unhashable",
+        "frame-count-lies", "meta-not-a-map", "no-function", "forget-unhashable"])
+def test_worker_survives_a_signed_tasks_message_of_the_wrong_shape(lone_worker, fields, failed):
     lone_worker.send(lone_worker.main, lone_worker.encode(Kind.TASKS, fields))
+    # Tasks it can name fail back at once (none is left running for ever); none runs.
+    seen = lone_worker.probe(expect=failed)
+    assert all(seen[bid] == "err" for bid in failed), seen
+    assert len(seen) == len(failed) + 1, seen
+    for bid in failed:
+        error, _ = serialize.loads(lone_worker.outcomes[bid])
+        assert isinstance(error, TransferError) and "as malformed" in str(error), error
+    assert "as malformed" in lone_worker.log_text()
     _worker_still_serves(lone_worker)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "control.py Control._on_cancel reads header['b'] unguarded; the KeyError ends "
-    "Control.run (which catches it only to log 'control thread failed'), so the worker "
-    "stops heartbeating and the broker declares a live worker lost"))
-def test_worker_survives_a_signed_cancel_of_the_wrong_shape(lone_worker):
-    lone_worker.send(lone_worker.control, lone_worker.encode(Kind.CANCEL, {"rq": 1}))
+@pytest.mark.parametrize("fields", [{"rq": 1}, {"rq": 1, "b": 5}, {"rq": 1, "b": [[1]]},
+                                    {"rq": 1, "b": ["x"], "r": True}],
+                         ids=["no-tasks", "tasks-not-a-list", "task-id-unhashable",
+                              "task-id-not-an-int"])
+def test_worker_survives_a_signed_cancel_of_the_wrong_shape(lone_worker, fields):
+    lone_worker.send(lone_worker.control, lone_worker.encode(Kind.CANCEL, fields))
+    # Answered as a cancel that named no task, so the broker's request does not wait.
+    deadline = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < deadline, "no answer to a malformed cancel"
+        msg = lone_worker.recv(0.5)
+        if msg is not None and msg.kind == Kind.CANCELLED:
+            assert msg.header["rq"] == 1 and msg.header["b"] == [] and msg.header["i"] == []
+            break
     lone_worker.probe()
     assert lone_worker.heartbeating(3), "the control thread died"

@@ -171,3 +171,25 @@ def test_map_item_error_that_cannot_be_unpickled_spoils_only_that_item(client):
     assert [next(it), next(it)] == [0, 1]
     with pytest.raises(Exception):
         next(it)
+
+
+def fifty_kb(x):
+    return bytes([x % 256]) * 50_000
+
+
+def test_map_batches_of_large_results_are_bounded_by_bytes_too(client):
+    from shoal.mapping import TARGET_BATCH_BYTES
+    res = client.map(fifty_kb, range(1000))
+    assert [v[0] for v in res] == [x % 256 for x in range(1000)]
+    # By time alone a batch would be hundreds of items (~25 MB): the measured result
+    # size bounds it, from the first (one-item) batch on.
+    largest = max(b.count for b in res.batches)
+    assert largest * 50_000 <= TARGET_BATCH_BYTES, [b.count for b in res.batches]
+    assert len(res.batches) >= 1000 * 50_000 // TARGET_BATCH_BYTES
+
+
+def test_map_batches_of_large_inputs_are_bounded_by_bytes_too(client):
+    from shoal.mapping import TARGET_BATCH_BYTES
+    res = client.map(len, (b"x" * 50_000 for _ in range(1000)))
+    assert list(res) == [50_000] * 1000
+    assert max(b.count for b in res.batches) * 50_000 <= TARGET_BATCH_BYTES

@@ -520,11 +520,13 @@ def test_a_worker_without_the_right_key_cannot_join_and_learns_nothing(net, secu
         with _observer(secure) as observer:
             names = {w["name"] for w in observer.status()["worker_list"]}
         assert names == {"w1", "w2"}
+        assert worker.wait(10) == 1, "the refused stranger worker did not exit with 1"
         log = (net.dirs["intruder"] / "stranger.log").read_text()
+        assert "refused this worker's key" in log, log
         assert "registered with the broker" not in log
         assert "dropped a message" not in log, "the stranger received something"
     finally:
-        stop_process(worker, timeout=1)  # a refused worker ignores SIGTERM (test_security)
+        stop_process(worker, timeout=1)
 
 
 def test_a_signed_message_replayed_by_an_allowed_peer_is_refused(net, secure):

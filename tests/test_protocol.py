@@ -143,6 +143,62 @@ def test_decode_rejects_a_tampered_big_frame_when_verifying_buffers():
         decode(KEY, wire, verify_buffers=True)
 
 
+def test_an_altered_big_frame_names_the_frame_and_keeps_only_the_intact_ones():
+    # The header is authentic, so a receiver can answer what it names (fail those
+    # tasks) without ever touching the altered bytes.
+    big = b"\x00" * BIG_FRAME
+    wire = encode(KEY, Kind.TASKS, {"u": [[7, [b"f" * 16], 2, {}]]}, [b"head", big, big])
+    wire[3] = flip(wire[3], 100)
+    with pytest.raises(protocol.FrameAltered, match="altered in transit") as info:
+        decode(KEY, wire)
+    assert info.value.altered == [1]
+    assert info.value.message.header["u"] == [[7, [b"f" * 16], 2, {}]]
+    assert info.value.message.frames[0] == b"head" and info.value.message.frames[2] == big
+    assert info.value.message.frames[1] is None
+
+
+def test_an_altered_big_frame_sent_again_is_refused_as_a_replay():
+    guard = protocol.ReplayGuard()
+    big = b"\x00" * BIG_FRAME
+    wire = encode(KEY, Kind.RESULTS, {"r": []}, [big])
+    wire[2] = flip(wire[2], 5)
+    with pytest.raises(protocol.FrameAltered):
+        decode(KEY, wire, guard=guard)
+    with pytest.raises(protocol.Replayed):
+        decode(KEY, wire, guard=guard)
+
+
+@pytest.mark.parametrize("frames", [[b"ab", b"cd"], [b"", b"abcd"], [b"abc", b"", b"d"]],
+                         ids=["two", "empty-first", "three"])
+def test_moving_bytes_between_frames_breaks_the_signature(frames):
+    wire = encode(KEY, Kind.STATUS, {}, frames)
+    joined = b"".join(frames)
+    for cut in range(len(joined) + 1):
+        moved = [joined[:cut], joined[cut:]] + [b""] * (len(frames) - 2)
+        if moved == frames:
+            continue
+        with pytest.raises(ProtocolError, match="bad signature"):
+            decode(KEY, [wire[0], wire[1], *moved])
+
+
+def test_bytes_moved_between_the_header_and_the_first_frame_break_the_signature():
+    wire = encode(KEY, Kind.STATUS, {}, [b"body"])
+    with pytest.raises(ProtocolError, match="bad signature"):
+        decode(KEY, [wire[0], bytes(wire[1]) + b"b", b"ody"])
+
+
+def test_a_peer_of_protocol_version_1_is_told_both_versions():
+    # Version 1 signed the frames' bytes without their lengths: its messages fail the
+    # signature check, yet are recognised, so the peer is told what is wrong.
+    import hashlib
+    import hmac
+    raw = msgpack.packb({"v": 1, "k": Kind.CLIENT_HELLO, "nf": 1, "sid": b"s" * 8, "seq": 1})
+    mac = hmac.new(KEY, raw, hashlib.sha256)
+    mac.update(b"frame")
+    with pytest.raises(VersionMismatch, match=f"version 1, this process speaks {PROTOCOL_VERSION}"):
+        decode(KEY, [mac.digest(), raw, b"frame"])
+
+
 def test_decode_without_buffer_verification_leaves_big_frames_to_the_receiver():
     # The broker routes big buffers unhashed; the digest stays in the header and the
     # final receiver (verify_buffers=True) rejects the tampered frame.
@@ -179,18 +235,14 @@ def test_decode_rejects_an_unknown_kind():
 
 
 def test_decode_rejects_a_header_that_is_not_a_map():
-    import hashlib
-    import hmac
     raw = msgpack.packb([1, 2, 3])
     with pytest.raises(ProtocolError, match="not a map"):
-        decode(KEY, [hmac.digest(KEY, raw, hashlib.sha256), raw])
+        decode(KEY, [protocol._sign(KEY, raw, []), raw])
 
 
 def test_decode_rejects_a_signed_header_with_a_lying_frame_count():
-    import hashlib
-    import hmac
     raw = msgpack.packb({"v": PROTOCOL_VERSION, "k": Kind.STATUS, "nf": 2})
-    wire = [hmac.new(KEY, raw + b"only", hashlib.sha256).digest(), raw, b"only"]
+    wire = [protocol._sign(KEY, raw, [b"only"]), raw, b"only"]
     with pytest.raises(ProtocolError, match="frame count"):
         decode(KEY, wire)
 
