@@ -31,6 +31,7 @@ _EXPORTS = {
     "s": "canvas", "si": "canvas", "chain": "canvas", "group": "canvas", "chord": "canvas",
     "Signature": "canvas", "GroupResult": "canvas",
     "task": "tasks", "Task": "tasks",
+    "lock": "locks", "Lock": "locks", "LockTimeout": "locks", "TaskNotUnique": "errors",
     "PROTOCOL_VERSION": "protocol",
     "to_frame": "frames",
 }
@@ -70,9 +71,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .canvas import GroupResult, Signature, chain, chord, group, s, si  # noqa: F401
     from .cluster import Cluster, ClusterError  # noqa: F401
     from .tasks import Task, task  # noqa: F401
+    from .locks import Lock, LockTimeout, lock  # noqa: F401
     from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed,  # noqa: F401
                          DependencyFailed, NoWorkersError, RemoteError, ResultTooLarge, RetriesExhausted,
-                         Retry, SerializationError, ShoalError, TaskTimeout, WorkerLost)
+                         Retry, SerializationError, ShoalError, TaskNotUnique, TaskTimeout,
+                         WorkerLost)
     from .futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION,  # noqa: F401
                           Future, RemoteTraceback, as_completed, wait)
     from .protocol import PROTOCOL_VERSION  # noqa: F401

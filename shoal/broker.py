@@ -10,12 +10,10 @@ Run it with ``shoal broker`` or ``python -m shoal.broker``.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,17 +22,21 @@ from typing import Optional
 import zmq
 
 from . import protocol
-from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
+from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch, identity_field
 from .durable import MemoryOnly
 from .flow import Flow
 from .liveness import Liveness
-from .records import (DEFAULT_QUEUE, LIMITED, PARKED, QUEUED, RUNNING, SCHEDULED, WAITING,
-                      CancelRequest, ClientRecord, StoredObject, Unit, WorkerRecord, task_key)
+from .locks import LockRequests, LockTable, Owner
+from .monitor import Events
+from .periodic import ScheduleRequests, Schedules
+from .requests import Requests
+from .records import (DEFAULT_QUEUE, ORPHANED, PARKED, QUEUED, RUNNING, WAITING,
+                      CancelRequest, ClientRecord, StoredObject, Unit, WorkerRecord, task_id,
+                      task_key)
 from .routing import (TaskQueue, describe_route, parse_resources, runnable_somewhere, unit_route,
-                      unrunnable, worker_command)
+                      worker_command)
 from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets, create_peer,
-                       default_home, new_key, read_connection_file, read_key_file, runtime_dir,
-                       write_connection_file)
+                       new_key, read_connection_file, runtime_dir, write_connection_file)
 from .serialize import host_id
 from .options import due_at
 from .scheduling import RateLimits, Timers, check_rate
@@ -55,31 +57,15 @@ DROP_LOG_PER_SECOND = 5
 PARK_SECONDS = 30.0
 
 _COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
-#: The owner of an object whose client left while tasks that use it wait.
-ORPHANED = b""
-#: States of a unit that has not started: a cancel withdraws it at the broker.
-_WAITING_STATES = frozenset({QUEUED, PARKED, WAITING, SCHEDULED, LIMITED})
 #: Requests that act must name this run of the broker (``bs``): replayed from
 #: an earlier run, they are refused.
 _SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
                             Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
+#: Task options that need reading at submit (the broker skips the rest quickly).
+_SPECIAL = frozenset({"q", "pr", "rs", "at", "dl", "rl", "to", "uq"})
 
 
-def _identity(header: dict, name: str, default):
-    """The socket identity that header field ``name`` holds, or ``default`` without one.
-
-    Peers name their other sockets by identity (``rt``: a client's receiving
-    socket, ``wid``/``ctl``: a worker's main and control sockets), and the broker
-    later routes to them; anything but 1 to 255 bytes (ZeroMQ's routing ids)
-    is refused here, as a malformed message, not when a send fails.
-    """
-    value = header.get(name, default)
-    if value is not default and (type(value) is not bytes or not 1 <= len(value) <= 255):
-        raise ValueError(f"header field {name!r} is not a socket identity: {value!r:.40}")
-    return value
-
-
-class Broker(Liveness, Flow):
+class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
     """A shoal broker bound to ``listen`` (``tcp://127.0.0.1:0`` picks a free port).
 
     Also binds an IPC endpoint beside the TCP one so that processes on this
@@ -89,7 +75,9 @@ class Broker(Liveness, Flow):
     def __init__(self, listen: str = "tcp://127.0.0.1:0", key: Optional[bytes] = None,
                  connection_file: Optional[str] = None, parent_pid: Optional[int] = None,
                  ipc: bool = True, home: Optional[Path] = None, ipc_path: Optional[str] = None,
-                 max_frames: int = MAX_FRAMES, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_frames: int = MAX_FRAMES, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 store=None, result_ttl: Optional[float] = None,
+                 result_memory: Optional[int] = None) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.max_frames = max_frames
@@ -147,12 +135,20 @@ class Broker(Liveness, Flow):
         self.parked: dict[bytes, list] = {}  # missing object digest -> units waiting for it
         self.cancels: dict[int, CancelRequest] = {}  # awaiting workers' answers
         self.results = ResultStore()  # finished parts of keyed maps
-        self.kept = TaskResults()  # outcomes of single tasks, by key (see flow.py)
+        self.kept = TaskResults(**{k: v for k, v in (("ttl", result_ttl),
+                                                      ("max_bytes", result_memory)) if v})
         self.by_key: dict[bytes, Unit] = {}  # unfinished units by key
         self.result_users: dict[bytes, int] = {}  # key -> waiting tasks that take its result
         self.awaiting_values: dict[bytes, list] = {}  # key -> dependents, value asked of a client
         self.fetches: dict[bytes, list] = {}  # key -> [ident, tid, deadline] asked before it came
-        self.durable = MemoryOnly()
+        #: where state survives a restart (``--store``); MemoryOnly does nothing
+        self.durable = store if store is not None else MemoryOnly()
+        self.acks: dict[bytes, list] = {}  # client -> task numbers stored, not yet acknowledged
+        self.unique: dict[str, Unit] = {}  # submit(unique=...) key -> the unit holding it
+        self.locks = LockTable()
+        self.schedules = Schedules()  # periodic tasks
+        self.watchers: dict = {}  # sockets that watch events (shoal events, shoal top)
+        self.pending_events: list = []
         self.timers = Timers()  # units held until a time (delay, at, retry back-off)
         self.limits = RateLimits()  # units waiting for their task name's rate limit
         # Task ids start at a random offset in each run, so a result of an
@@ -189,7 +185,14 @@ class Broker(Liveness, Flow):
             Kind.ATTACH: self._on_attach,
             Kind.FETCH: self._on_fetch,
             Kind.TASK_INFO: self._on_task_info,
+            Kind.LOCK: self._on_lock,
+            Kind.SCHEDULE: self._on_schedule,
+            Kind.WATCH: self._on_watch,
+            Kind.RESUME: self._on_resume,
         }
+        self._restored_at = 0.0  # when state was loaded from the store
+        if self.durable.durable:
+            self._restore()
 
     def _local_peer(self, curve: BrokerSecrets) -> ConnectionInfo:
         """The keys this host's own clients and workers use (the allowed peer "local")."""
@@ -232,21 +235,39 @@ class Broker(Liveness, Flow):
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + 0.5
                     self._tick()
+                if self.acks or self.pending_events or self.durable.durable:
+                    self._end_of_pass()
         finally:
             self._shutdown()
+
+    def _end_of_pass(self) -> None:
+        """After a pass: make its writes durable, then acknowledge what was stored
+        (a task is acknowledged once it is on disk), then send the pass's events."""
+        self.durable.commit()
+        for ident, tids in self.acks.items():
+            self._send(ident, Kind.ACK, {"t": tids})
+        self.acks.clear()
+        if self.pending_events:
+            if self.watchers:
+                self._flush_events()
+            else:
+                self.pending_events.clear()
 
     def stop(self) -> None:
         self._stopping = True
 
     @property
     def _timed(self) -> bool:
-        """Whether some unit waits for a time or a rate limit's token."""
-        return bool(self.timers) or self.limits.has_waiting()
+        """Whether some unit waits for a time or a rate limit's token, or a schedule exists."""
+        return bool(self.timers) or self.limits.has_waiting() or bool(self.schedules)
 
     def _next_timed(self) -> float:
-        """Monotonic time at which the next held unit may go."""
+        """Monotonic time at which the next held unit (or periodic run) may go."""
         soonest = float("inf")
         due = self.timers.next_due()
+        run = self.schedules.next_due() if self.schedules else None
+        if run is not None:
+            due = run if due is None else min(due, run)
         if due is not None:
             soonest = time.monotonic() + (due - time.time())
         release = self.limits.next_release()
@@ -256,7 +277,10 @@ class Broker(Liveness, Flow):
 
     def _release_timed(self) -> None:
         """Queue the units whose time or token has come, and dispatch them."""
-        for unit in self.timers.pop_due(time.time()):
+        now = time.time()
+        if self.schedules:
+            self._run_schedules(now)
+        for unit in self.timers.pop_due(now):
             unit.due = None
             self._enqueue(unit)
         self.limits.release(self._requeue_front)
@@ -282,6 +306,7 @@ class Broker(Liveness, Flow):
         if self.fetches:
             self._expire_fetches()
         self._collect_orphans()
+        self._check_locks()
         for rid, request in list(self.cancels.items()):
             if now - request.at > 30:  # a worker that never answered
                 del self.cancels[rid]
@@ -294,6 +319,7 @@ class Broker(Liveness, Flow):
         for w in list(self.workers.values()):
             self._send(w.ident, Kind.SHUTDOWN)
         self.sock.close(linger=100)
+        self.durable.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         if self.connection_file:
@@ -349,6 +375,7 @@ class Broker(Liveness, Flow):
         units = msg.header.get("u", ())
         tids = [u[0] for u in units if isinstance(u, list) and u] if isinstance(units, list) else []
         self._send(ident, Kind.ERROR, {"stale": True, "session": self.session, "t": tids,
+                                       "store": self.durable.store_id, "rq": msg.header.get("rq"),
                                        "msg": "the broker restarted; resubmit"})
 
     def _drop(self, ident: bytes, reason: str) -> None:
@@ -374,17 +401,24 @@ class Broker(Liveness, Flow):
         self._send(ident, Kind.WELCOME, self._summary())
 
     def _summary(self) -> dict:
-        return {"workers": len(self.workers), "session": self.session,
-                "slots": sum(w.slots for w in self.workers.values()),
-                "hosts": sorted({w.host for w in self.workers.values()}),
-                "broker_host": host_id()}
+        summary = {"workers": len(self.workers), "session": self.session,
+                   "slots": sum(w.slots for w in self.workers.values()),
+                   "hosts": sorted({w.host for w in self.workers.values()}),
+                   "broker_host": host_id()}
+        if self.durable.durable:
+            summary["store"] = self.durable.store_id  # a client of a restart resumes its tasks
+        return summary
 
     def _store_objects(self, ident: bytes, msg: protocol.Message, pos: int = 0) -> int:
-        for digest, n in msg.header.get("ob", ()):
+        for entry in msg.header.get("ob", ()):
+            digest, n = entry[0], entry[1]
             obj = self.objects.get(digest)
             if obj is None:
                 obj = self.objects[digest] = StoredObject(
-                    msg.frames[pos:pos + n], protocol.frame_digests(msg.header, pos, pos + n))
+                    msg.frames[pos:pos + n], protocol.frame_digests(msg.header, pos, pos + n),
+                    name=entry[2] if len(entry) > 2 and isinstance(entry[2], str) else "")
+                if self.durable.durable and not digest.startswith(b"R"):
+                    self.durable.object_added(digest, obj)  # (a task's result is stored as one)
                 for unit in self.parked.pop(digest, ()):
                     if unit.state == PARKED:
                         self._enqueue(unit)
@@ -420,7 +454,7 @@ class Broker(Liveness, Flow):
 
     def _on_submit(self, ident: bytes, msg: protocol.Message) -> None:
         frames, header = msg.frames, msg.header
-        ident = _identity(header, "rt", ident)  # results go to the client's receiving socket
+        ident = identity_field(header, "rt", ident)  # results go to the client's receiving socket
         client = self._client(ident)
         cid = header.get("cid")
         if cid is not None:
@@ -429,6 +463,7 @@ class Broker(Liveness, Flow):
             client.cid = cid
         pos = self._store_objects(ident, msg)
         now = time.monotonic()
+        durable = self.durable.durable
         for tid, refs, n, meta in header["u"]:
             if not isinstance(meta, dict) or not (refs or isinstance(meta.get("fn"), str)):
                 raise ValueError(f"task {tid!r} names no function")
@@ -438,40 +473,24 @@ class Broker(Liveness, Flow):
                         protocol.frame_digests(header, pos, pos + n), meta, queued_at=now,
                         key=task_key(client.cid, tid) if client.cid else b"")
             pos += n
-            try:
-                if "q" in meta or "pr" in meta or "rs" in meta:
-                    unit.queue, unit.priority, unit.resources = unit_route(meta)
-                if "at" in meta or "dl" in meta:
-                    unit.due = due_at(meta)
-                if "rl" in meta:
-                    check_rate(meta["rl"])
-            except (TypeError, ValueError) as exc:
-                self._send(ident, Kind.ERROR, {"t": [tid], "msg": str(exc)})
-                continue
-            target = meta.get("to")
-            if target is not None and not any(w.name == target for w in self.workers.values()):
-                names = ", ".join(sorted(w.name for w in self.workers.values())) or "none"
-                self._send(ident, Kind.ERROR, {"t": [tid], "msg": (
-                    f"no worker is named {target!r} (workers now: {names})")})
-                continue
+            if unit.key and self._known_again(client, unit):
+                continue  # sent again after a restart: it is here already
+            if not _SPECIAL.isdisjoint(meta):
+                refusal = self._check_options(unit)
+                if refusal is not None:
+                    self._send(ident, Kind.RESULTS, {"r": [[tid, "berr", 0, refusal]]})
+                    continue
             self.tasks[unit.bid] = unit
             client.tasks[tid] = unit.bid
             if unit.key:
                 self._index(unit)
-            if "dp" in meta:
-                try:
-                    failed = self._wire_dependencies(unit, meta["dp"])
-                except LookupError as exc:
-                    self.tasks.pop(unit.bid)
-                    client.tasks.pop(tid, None)
-                    self._send(ident, Kind.ERROR, {"t": [tid], "msg": str(exc)})
-                    continue
-                if failed is not None:
-                    self._fail_dependency(unit, failed[0], failed[1].status, failed[1].meta)
-                    continue
-                if unit.waiting_on:
-                    unit.state = WAITING
-                    continue
+            if durable:
+                self.durable.unit_added(unit)
+                self.acks.setdefault(ident, []).append(tid)
+            if self.watchers:
+                self._event("task-received", unit)
+            if "dp" in meta and self._held_by_dependencies(unit):
+                continue
             self._enqueue(unit)
             if self.workers and (unit.queue != DEFAULT_QUEUE or unit.resources or "fn" in meta
                                  or self._registered_only):
@@ -479,6 +498,115 @@ class Broker(Liveness, Flow):
                     continue
                 self._warn_if_unrunnable(client, unit)
         self.counts["submitted"] += len(header["u"])
+
+    # -- durable state
+    def _restore(self) -> None:
+        """Load what a durable broker stored before it stopped (--store)."""
+        store = self.durable
+        self._restored_at = time.monotonic()
+        for digest, frames, digests in store.objects():
+            obj = self.objects[digest] = StoredObject(frames, digests)
+            obj.owners.add(ORPHANED)  # until no task uses it, or its client is back
+        for key, status, frames, meta, digests, at in store.results(time.time() - self.kept.ttl):
+            if "m" not in meta:
+                self.kept.put(key, status, frames, meta, digests, at)
+        units = []
+        for row in store.units():
+            cid, tid = row["cid"], row["tid"]
+            unit = Unit(row["bid"], b"", tid, row["refs"], row["frames"], row["digests"],
+                        row["meta"], queued_at=time.monotonic(),
+                        key=task_key(cid, tid) if cid else b"", due=row["due"])
+            self._check_options(unit)  # routing and unique keys, as at submit
+            self.tasks[unit.bid] = unit
+            if unit.key:
+                self._index(unit)
+            units.append(unit)
+        if units:  # this run's ids must not meet the stored ones
+            self._ids = itertools.count(max(u.bid for u in units) + (1 << 20))
+        for unit in units:
+            if "dp" in unit.meta and self._held_by_dependencies(unit):
+                continue
+            self._enqueue(unit)
+        for body in store.schedules():
+            self._restore_schedule(body)
+        for name, holder in store.locks():
+            self.locks.restore(name, Owner(holder["tok"], b"", cid=holder["cid"],
+                                           worker=holder["worker"], unit=holder["unit"],
+                                           describe=holder["describe"]))
+        logger.info("store %s: %d queued task(s), %d result(s), %d schedule(s), %d lock(s) "
+                    "restored", store.path, len(units), len(self.kept), len(self.schedules),
+                    len(self.locks))
+
+    def _on_resume(self, ident: bytes, msg: protocol.Message) -> None:
+        """A client of the broker's previous run is back (a durable broker restarted):
+        its tasks in ``t`` are sent to it from now on; finished ones' outcomes at once."""
+        h = msg.header
+        cid, tids = h.get("cid"), h.get("t", [])
+        if not isinstance(cid, bytes) or len(cid) != 8 or not isinstance(tids, list):
+            raise ValueError("malformed resume request")
+        client = self._client(ident)
+        client.cid = cid
+        lost = []
+        for tid in tids:
+            if type(tid) is not int or not 0 < tid < 1 << 56:
+                continue
+            key = task_key(cid, tid)
+            unit = self._unit_of(key)
+            if unit is not None:
+                unit.client = ident
+                client.tasks[tid] = unit.bid
+            elif self._stored_outcome(key) is not None:
+                self._send_kept(ident, tid, key)
+            else:
+                lost.append(tid)
+        logger.info("client %s resumed %d task(s) after the restart (%d unknown)", cid.hex(),
+                    len(tids) - len(lost), len(lost))
+        self._send(ident, Kind.REPLY, {"rq": h.get("rq"), "lost": lost})
+
+    def _check_options(self, unit: Unit) -> Optional[dict]:
+        """Read a unit's task options; the metadata of its refusal if they are bad,
+        or its unique key is taken, or the worker it names does not exist."""
+        meta = unit.meta
+        try:
+            if "q" in meta or "pr" in meta or "rs" in meta:
+                unit.queue, unit.priority, unit.resources = unit_route(meta)
+            if "at" in meta or "dl" in meta:
+                unit.due = due_at(meta)
+            if "rl" in meta:
+                check_rate(meta["rl"])
+        except (TypeError, ValueError) as exc:
+            return {"msg": str(exc)}
+        target = meta.get("to")
+        if target is not None and not any(w.name == target for w in self.workers.values()):
+            names = ", ".join(sorted(w.name for w in self.workers.values())) or "none"
+            return {"msg": f"no worker is named {target!r} (workers now: {names})"}
+        key = meta.get("uq")
+        if key is not None:
+            if not isinstance(key, str):
+                return {"msg": f"malformed unique key {key!r}"}
+            holder = self.unique.get(key)
+            if holder is not None and self.tasks.get(holder.bid) is holder:
+                return {"msg": (f"a task with unique key {key!r} is already {holder.state}: task "
+                                f"{task_id(holder.key) if holder.key else holder.bid}; it is "
+                                "refused until that one has finished"),
+                        "uq": key, "holder": task_id(holder.key) if holder.key else None}
+            self.unique[key] = unit
+        return None
+
+    def _known_again(self, client: ClientRecord, unit: Unit) -> bool:
+        """A task its client sends again (it was not acknowledged when the broker
+        restarted): adopt the stored one, or answer with its result."""
+        existing = self.by_key.get(unit.key)
+        if existing is not None and self.tasks.get(existing.bid) is existing:
+            existing.client, existing.tid = client.ident, unit.tid
+            client.tasks[unit.tid] = existing.bid
+        elif self.durable.durable and self._stored_outcome(unit.key) is not None:
+            self._send_kept(client.ident, unit.tid, unit.key)
+        else:
+            return False
+        if self.durable.durable:
+            self.acks.setdefault(client.ident, []).append(unit.tid)
+        return True
 
     def _refuse_pickled(self, unit: Unit) -> bool:
         """Fail a unit of pickled code when every connected worker of its queue refuses
@@ -537,7 +665,7 @@ class Broker(Liveness, Flow):
                 self._send(client, Kind.ERROR, {"msg": why, "t": tids})
 
     def _on_scatter(self, ident: bytes, msg: protocol.Message) -> None:
-        ident = _identity(msg.header, "rt", ident)
+        ident = identity_field(msg.header, "rt", ident)
         self._client(ident)
         failed = msg.header.get("failed")
         if failed is not None:  # the answer to NEED: that dependency did not succeed
@@ -547,166 +675,12 @@ class Broker(Liveness, Flow):
             return
         self._store_objects(ident, msg)
 
-    def _on_cancel(self, ident: bytes, msg: protocol.Message) -> None:
-        """Withdraw tasks not yet started: queued here, or prefetched by a worker."""
-        header = msg.header
-        ident = _identity(header, "rt", ident)
-        client = self._client(ident)
-        request = CancelRequest(ident, header.get("rq"), time.monotonic())
-        running_too = bool(header.get("r", True))
-        forward: dict[bytes, list] = {}
-        for tid in header["t"]:
-            bid = client.tasks.get(tid)
-            unit = self.tasks.get(bid) if bid is not None else None
-            if unit is None:
-                continue
-            if unit.state in _WAITING_STATES:
-                del self.tasks[bid]
-                del client.tasks[tid]
-                unit.state = "cancelled"  # left where it waited; skipped when reached
-                request.withdrawn.append(tid)
-                self._settled(unit, "cancelled")
-            elif unit.state == RUNNING and unit.worker in self.workers:
-                forward.setdefault(unit.worker, []).append(bid)
-        if not forward:
-            self._finish_cancel(request)
-            return
-        rid = next(self._ids)
-        request.workers = set(forward)
-        self.cancels[rid] = request
-        for worker, bids in forward.items():
-            record = self.workers[worker]
-            self._send(record.control or worker, Kind.CANCEL, {"b": bids, "rq": rid, "r": running_too})
-
-    def _on_worker_cancelled(self, ident: bytes, msg: protocol.Message) -> None:
-        """A worker's answer: units it withdrew before they started (``b``) and running
-        units it interrupted (``i``; their results, status "cancelled", follow)."""
-        worker = self._worker_of(ident, msg.header)
-        request = self.cancels.get(msg.header.get("rq"))
-        if request is not None and worker is not None:
-            for bid in msg.header.get("i", ()):
-                unit = worker.running.get(bid)
-                if unit is not None:
-                    request.withdrawn.append(unit.tid)
-                    request.interrupted += 1
-        for bid in msg.header["b"]:
-            unit = worker.finish(bid) if worker else None
-            if unit is None or self.tasks.pop(bid, None) is None:
-                continue
-            client = self.clients.get(unit.client)
-            if client is not None:
-                client.tasks.pop(unit.tid, None)
-            unit.state = "cancelled"
-            self._settled(unit, "cancelled")
-            if request is not None:
-                request.withdrawn.append(unit.tid)
-        if request is not None and worker is not None:
-            self._cancel_answered(msg.header["rq"], worker.ident)
-
-    def _cancel_answered(self, rid: int, worker: bytes) -> None:
-        request = self.cancels[rid]
-        request.workers.discard(worker)
-        if not request.workers:
-            del self.cancels[rid]
-            self._finish_cancel(request)
-
-    def _finish_cancel(self, request: "CancelRequest") -> None:
-        self.counts["cancelled"] += len(request.withdrawn) - request.interrupted
-        self._send(request.client, Kind.CANCELLED, {"t": request.withdrawn, "rq": request.rq})
-
-    def _on_status(self, ident: bytes, msg: protocol.Message) -> None:
-        self._client(ident)
-        running = sum(len(w.running) for w in self.workers.values())
-        reply = {
-            **self._summary(),
-            "address": self.address,
-            "uptime": time.time() - self.started,
-            "queued": len(self.tasks) - running,
-            "running": running,
-            # (of the queued: held for their time, waiting for others' results, for a token)
-            "scheduled": len(self.timers),
-            "waiting": sum(1 for u in self.by_key.values() if u.state == WAITING),
-            "rate_limited": self.limits.waiting(),
-            "clients": len(self.clients),
-            "counts": self.counts,
-            "kept_results": self.results.summary(),
-            "worker_list": [
-                {"name": w.name, "slots": w.slots, "running": len(w.running), "done": w.done,
-                 "host": w.host.split(":")[0], "pid": w.pid,
-                 "mean_task_ms": None if w.mean_time is None else round(w.mean_time * 1000, 3),
-                 "queues": sorted(w.queues), "resources": w.resources}
-                for w in self.workers.values()],
-            "unrunnable": self._unrunnable(),
-        }
-        self._send(ident, Kind.STATUS_REPLY, reply)
-
-    @staticmethod
-    def _outlives_client(unit: Unit) -> bool:
-        """Keyed maps and timed tasks (delay, at) stay queued when their client
-        leaves: their results are kept for whoever asks (client.results, client.result)."""
-        return "k" in unit.meta or "at" in unit.meta or "dl" in unit.meta
-
-    def _unrunnable(self) -> list:
-        return unrunnable(self.queue.queued(), self.workers.values())
-
-    def _on_client_bye(self, ident: bytes, msg: protocol.Message) -> None:
-        self._forget_client(ident)
-
-    def _forget_client(self, ident: bytes) -> None:
-        """Drop a client that left: its queued tasks go too, unless they outlive
-        it (see _outlives_client); the objects those use stay while they do."""
-        client = self.clients.pop(ident, None)
-        if client is None:
-            return
-        kept: set = set()
-        for bid in client.tasks.values():
-            unit = self.tasks.get(bid)
-            if unit is None:
-                continue
-            if self._outlives_client(unit) or unit.state not in _WAITING_STATES:
-                kept.update(unit.refs)
-            else:
-                del self.tasks[bid]
-                unit.state = "cancelled"
-                self._settled(unit, "cancelled")
-        released = []
-        for digest, obj in list(self.objects.items()):
-            obj.owners.discard(ident)
-            if digest in kept:
-                obj.owners.add(ORPHANED)  # until no task uses it (_collect_orphans)
-            elif not obj.owners:
-                del self.objects[digest]
-                released.append(digest)
-        self._release_objects(released)
-
-    def _collect_orphans(self) -> None:
-        """Forget objects of departed clients that no task uses any more."""
-        orphans = {d for d, obj in self.objects.items() if obj.owners == {ORPHANED}}
-        if not orphans:
-            return
-        for unit in self.tasks.values():
-            orphans.difference_update(unit.refs)
-            if not orphans:
-                return
-        for digest in orphans:
-            del self.objects[digest]
-        self._release_objects(list(orphans))
-
-    def _release_objects(self, released: list) -> None:
-        """Tell the workers holding these objects to drop them."""
-        if released:
-            for w in self.workers.values():
-                if w.objects.intersection(released):
-                    w.objects.difference_update(released)
-                    self._send(w.ident, Kind.TASKS, {"u": [], "fg": released})
-
-    # -- workers
     def _on_worker_hello(self, ident: bytes, msg: protocol.Message) -> None:
         h = msg.header
         # A worker re-registering after a broker restart says hello from its
         # control socket, naming its main socket (``wid``), where tasks go.
-        ident = _identity(h, "wid", ident)
-        control = _identity(h, "ctl", None)
+        ident = identity_field(h, "wid", ident)
+        control = identity_field(h, "ctl", None)
         slots = h.get("slots", 1)
         if not isinstance(slots, int) or not 1 <= slots <= 100_000:
             raise ValueError(f"worker announced {slots!r} slots")
@@ -734,6 +708,8 @@ class Broker(Liveness, Flow):
                                            task_names=frozenset(task_names),
                                            registered_only=bool(h.get("ro")))
         self._workers_changed()
+        if self.watchers:
+            self._event("worker-joined", worker=name, slots=slots, queues=queues)
         logger.info("worker %s joined with %d slot(s)%s%s%s", name, slots,
                     "" if queues == [DEFAULT_QUEUE] else f", queues {','.join(queues)}",
                     f", resources {_format_resources(resources)}" if resources else "",
@@ -752,13 +728,15 @@ class Broker(Liveness, Flow):
         worker = self.workers.pop(ident, None)
         if worker is not None:
             self._workers_changed()
+            if self.watchers:
+                self._event("worker-left", worker=worker.name)
             logger.info("worker %s left", worker.name)
             self._fail_addressed_to(worker)
             self._requeue(worker)
 
     def _worker_of(self, ident: bytes, header: dict) -> Optional[WorkerRecord]:
         """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
-        worker = self.workers.get(_identity(header, "wid", ident))
+        worker = self.workers.get(identity_field(header, "wid", ident))
         if worker is not None and ident not in (worker.ident, worker.control):
             return None  # a control message must come from that worker's control socket
         return worker
@@ -768,12 +746,13 @@ class Broker(Liveness, Flow):
         if "wid" not in header:  # a client's: answer, so it knows this broker is alive
             self._client(ident)
             self._send(ident, Kind.HEARTBEAT, {"session": self.session,
+                                               "store": self.durable.store_id,
                                                "workers": len(self.workers)})
             return
         worker = self._worker_of(ident, header)
         if worker is not None:
             self._note_heartbeat(worker, header)
-        elif _identity(header, "wid", None) not in self.workers:
+        elif identity_field(header, "wid", None) not in self.workers:
             # A worker this broker does not know (it restarted): ask it to register.
             self._send(ident, Kind.WELCOME, {"rehello": True})
 
@@ -835,7 +814,8 @@ class Broker(Liveness, Flow):
             out_frames.extend(unit_frames)
             entries.append([unit.tid, status, n, meta])
         for client, (entries, out_frames, digests) in outgoing.items():
-            self._send(client, Kind.RESULTS, {"r": entries}, out_frames, digests)
+            if client:  # (none for a periodic run, or a restored task not yet resumed)
+                self._send(client, Kind.RESULTS, {"r": entries}, out_frames, digests)
         # After the results themselves: a dependent's failure then reaches a
         # client that already has the exception it names.
         for outcome in settled:
@@ -857,51 +837,14 @@ class Broker(Liveness, Flow):
         unit.meta["att"] = attempt if type(attempt) is int else unit.meta.get("att", 0) + 1
         unit.worker = None
         unit.due = time.time() + delay
+        self.durable.unit_updated(unit)
+        if self.watchers:
+            self._event("task-retried", unit, worker=worker.name, delay=delay,
+                        attempt=unit.meta["att"])
         self.counts["retried"] = self.counts.get("retried", 0) + 1
         logger.debug("task %d retries in %.3f s (attempt %d)", bid, delay, unit.meta["att"] + 1)
         self._enqueue(unit)
 
-    def _on_attach(self, ident: bytes, msg: protocol.Message) -> None:
-        """What exists of a keyed map: finished parts (with their results) and
-        parts still queued or running, which this client adopts: their results
-        now come to it, under task id ``-bid``."""
-        header = msg.header
-        key = header["key"]
-        if not isinstance(key, str):
-            raise ValueError("a map key must be a string")
-        client = self._client(ident)
-        if header.get("drop"):
-            self.results.drop(key)
-            self._send(ident, Kind.ATTACHED, {"rq": header.get("rq"), "done": [], "running": []})
-            return
-        entries, frames, digests = [], [], {}
-        for part in self.results.get(key):
-            for i, d in part.digests.items():
-                digests[len(frames) + i] = d
-            frames.extend(part.frames)
-            entries.append([part.start, part.count, part.status, len(part.frames), part.meta])
-        running = []
-        for unit in list(self.tasks.values()):
-            if unit.meta.get("k") != key:
-                continue
-            previous = self.clients.get(unit.client)
-            if previous is not None:
-                previous.tasks.pop(unit.tid, None)
-            unit.client, unit.tid = ident, -unit.bid
-            client.tasks[unit.tid] = unit.bid
-            running.append([unit.meta.get("ks", 0), unit.meta.get("n", 1), unit.tid])
-        self._send(ident, Kind.ATTACHED, {"rq": header.get("rq"), "done": entries,
-                                          "running": running}, frames, digests)
-
-    def _keep_result(self, unit: Unit, status: str, frames: list, meta: dict,
-                     digests: Optional[dict] = None) -> None:
-        """Results of keyed maps are kept, so a client can re-attach after a restart."""
-        key = unit.meta.get("k")
-        if key is not None:
-            self.results.put(key, unit.meta.get("ks", 0), unit.meta.get("n", 1), status,
-                             frames, meta, digests or {})
-
-    # ------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
         """Hand queued units to workers by credit, FIFO, spreading a short queue evenly."""
         free = [w for w in self.workers.values() if w.capacity > 0]
@@ -944,6 +887,8 @@ class Broker(Liveness, Flow):
             unit.state, unit.worker = RUNNING, worker.ident
             if unit.bid not in worker.running:  # (units with resources are claimed when taken)
                 worker.start(unit)
+            if self.watchers:
+                self._event("task-started", unit, worker=worker.name)
         fields = {"u": entries}
         if objects:
             fields["ob"] = objects
@@ -982,74 +927,9 @@ def is_loopback(address: str) -> bool:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="shoal broker", description="Run a shoal broker.")
-    parser.add_argument("--listen", default="127.0.0.1:0",
-                        help="address to bind (default 127.0.0.1 and a free port)")
-    parser.add_argument("--connection-file", help="where to write the connection file "
-                        "(default: in the runtime directory)")
-    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--key-file", help="sign with the key in this file (hex, or a connection "
-                        "file); by default a restart on the same address reuses the key in "
-                        "--connection-file, so workers rejoin")
-    parser.add_argument("--ipc-path", help=argparse.SUPPRESS)  # ... and IPC endpoint
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback address without encryption (dangerous)")
-    parser.add_argument("--home", help="where a secure broker keeps its keys and allow-list "
-                        "(default ~/.shoal/broker; see `shoal keys`)")
-    parser.add_argument("--curve", action="store_true",
-                        help="encrypt and authenticate even on loopback")
-    parser.add_argument("--allowed-failures", type=int, default=Liveness.allowed_failures,
-                        help="fail a task with WorkerLost once this many workers died running "
-                             "it (default %(default)s)")
-    parser.add_argument("--max-frames", type=int, default=MAX_FRAMES,
-                        help="most frames one message may have (default %(default)s)")
-    parser.add_argument("--max-message-size", type=int, default=MAX_MESSAGE_BYTES,
-                        help="most bytes one message may have (default 4 GiB)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s broker %(levelname)s %(message)s", stream=sys.stderr)
-    if args.allowed_failures < 1:
-        parser.error("--allowed-failures must be at least 1")
-    listen = args.listen if "://" in args.listen else f"tcp://{args.listen}"
-    home = None
-    if args.insecure and not is_loopback(listen):
-        logger.warning("!!! LISTENING ON %s WITHOUT ENCRYPTION OR AUTHENTICATION (--insecure): "
-                       "anyone who reaches this port and learns the key can run code on the "
-                       "workers, and every message is readable on the network !!!", args.listen)
-    elif args.curve or not is_loopback(listen):
-        if not zmq.has("curve"):
-            print("shoal broker: this pyzmq/libzmq has no CurveZMQ support, which listening "
-                  "beyond loopback needs; install pyzmq from PyPI or listen on 127.0.0.1",
-                  file=sys.stderr)
-            return 2
-        home = Path(args.home).expanduser() if args.home else default_home()
-    path = args.connection_file or str(runtime_dir() / f"broker-{os.getpid()}.json")
-    key = None
-    if home is None:
-        if args.key_file:
-            key = read_key_file(args.key_file)
-        elif args.connection_file and os.path.exists(args.connection_file):
-            try:
-                previous = read_connection_file(args.connection_file)
-            except (OSError, ValueError) as exc:
-                print(f"shoal broker: {exc}", file=sys.stderr)
-                return 2
-            if previous.address == listen:
-                key = previous.key  # a restart on the same address keeps its key
-    broker = Broker(listen, key=key, connection_file=path, parent_pid=args.parent_pid, home=home,
-                    max_frames=args.max_frames, max_message_bytes=args.max_message_size,
-                    ipc_path=args.ipc_path)
-    if home is not None:
-        logger.info("Curve-secured; keys in %s. Allow a remote worker with: shoal keys create "
-                    "NAME --address tcp://THIS_HOST:PORT", home)
-    broker.allowed_failures = args.allowed_failures
-    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
-    signal.signal(signal.SIGINT, lambda *_: broker.stop())
-    print(f"SHOAL-BROKER {broker.address} {broker.connection_file}", flush=True)
-    logger.info("listening on %s; connection file %s", broker.address, broker.connection_file)
-    broker.run()
-    return 0
+    """``shoal broker``: see :mod:`shoal.broker_cli`."""
+    from .broker_cli import main as run
+    return run(argv)
 
 
 if __name__ == "__main__":

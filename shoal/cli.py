@@ -5,6 +5,8 @@
     shoal cluster -n 4                       # a local cluster in the foreground
     shoal worker --connection-file FILE      # join a broker from another machine
     shoal status [ADDRESS|FILE] [--json]     # what the broker sees
+    shoal top [ADDRESS|FILE]                 # a live view of it, refreshed in place
+    shoal events [ADDRESS|FILE]              # task and worker events as JSON lines
     shoal demo                               # estimate pi over 20,000 tasks
 
 ``broker`` and ``worker`` hand their arguments to :func:`shoal.broker.main`
@@ -116,16 +118,54 @@ def format_status(state: dict) -> str:
         f"{counts.get('workers_lost', 0)} workers lost   {counts.get('dropped', 0)} bad messages "
         "dropped",
     ]
+    held = (f"{state.get('scheduled', 0)} scheduled   {state.get('waiting', 0)} waiting for "
+            f"other tasks   {sum((state.get('rate_limited') or {}).values())} rate-limited")
+    if any(state.get(k) for k in ("scheduled", "waiting", "rate_limited")):
+        lines.append(f"held      {held}")
+    if state.get("schedules"):
+        lines.append(f"periodic  {state['schedules']} schedule(s) (client.schedules() lists them)")
+    for lock in state.get("locks") or ():
+        lines.append(f"lock      {lock['name']!r} held by {lock['holder'] or 'nobody'}"
+                     + (f", {lock['waiting']} waiting" if lock.get("waiting") else ""))
+    if state.get("stored"):
+        stored = state["stored"]
+        lines.append(f"store     {stored.get('units', 0)} task(s), {stored.get('results', 0)} "
+                     f"result(s), {stored.get('schedules', 0)} schedule(s) on disk")
+    for group in state.get("unrunnable") or ():
+        lines.append(f"WAITING   {group['count']} task(s) need {group['needs']}, which no "
+                     f"connected worker has: start one with `{group['start']}`")
+    queues = state.get("queues") or {}
+    if set(queues) - {"default"}:
+        lines.append("queues    " + "   ".join(
+            f"{name}: {q.get('queued', 0)} queued, {q.get('running', 0)} running"
+            for name, q in sorted(queues.items())))
     if workers:
-        header = ("NAME", "HOST", "PID", "SLOTS", "RUNNING", "DONE", "MEAN TASK ms")
+        header = ("NAME", "HOST", "PID", "SLOTS", "RUNNING", "DONE", "MEAN TASK ms", "QUEUES")
         rows = [(str(w.get("name", "?")), str(w.get("host", "?")), str(w.get("pid", "?")),
                  str(w.get("slots", "?")), str(w.get("running", 0)), str(w.get("done", 0)),
-                 _ms(w.get("mean_task_ms"))) for w in workers]
+                 _ms(w.get("mean_task_ms")), ",".join(w.get("queues") or ["default"])
+                 + "".join(f" {k}={v:g}" for k, v in sorted((w.get("resources") or {}).items())))
+                for w in workers]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines.append("")
         for row in [header, *rows]:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
+
+
+def _connect(args: argparse.Namespace):
+    """A Client of the broker ``args.target`` names (or the newest local one); on
+    failure, the exit code, having said why."""
+    from .client import Client
+    from .errors import ShoalError
+    target = args.target or os.environ.get("SHOAL_CONNECTION_FILE") or _find_local_broker()
+    if target is None:
+        return _fail("no running broker found on this host; give its address or connection "
+                     "file, or start one with `shoal cluster`")
+    try:
+        return Client(target, key_file=args.key_file, timeout=args.timeout)
+    except (ShoalError, LookupError, ValueError, OSError) as exc:  # BrokerUnreachable included
+        return _fail(f"cannot reach the broker {target}: {exc}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -264,6 +304,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------- main
+def _target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", metavar="ADDRESS|CONNECTION_FILE",
+                   help="default: $SHOAL_CONNECTION_FILE, else the newest local broker")
+    p.add_argument("--key-file", help="the broker's connection file, when giving an ADDRESS")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+
+
+def _monitor(command: str, args: argparse.Namespace) -> int:
+    from . import monitor
+    return getattr(monitor, command)(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shoal", description="Interactive distributed computing over ZeroMQ.")
@@ -290,6 +342,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="a live view of workers, queues, rates and failures",
+                       description="A live terminal view of the cluster, refreshed in place: "
+                                   "workers and what they run, queues, task rates, recent "
+                                   "failures. Reads the broker only. q or Ctrl-C quits.")
+    _target_options(p)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--iterations", type=int, default=0,
+                   help="stop after this many refreshes (default: run until q or Ctrl-C)")
+    p.set_defaults(func=lambda a: _monitor("cmd_top", a))
+
+    p = sub.add_parser("events", help="stream task and worker events as JSON lines",
+                       description="Print the broker's task and worker events as JSON lines, "
+                                   "one per event, until Ctrl-C (see shoal.monitor).")
+    _target_options(p)
+    p.add_argument("--kinds", help="only these event kinds, comma-separated "
+                                   "(e.g. task-failed,worker-lost)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument("--idle", type=float, default=None,
+                   help="stop after this many seconds without an event")
+    p.set_defaults(func=lambda a: _monitor("cmd_events", a))
 
     p = sub.add_parser("demo", help="estimate pi over a local cluster, with live progress",
                        description="Start a local cluster, estimate pi with a Monte-Carlo map "

@@ -22,7 +22,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .deps import AlreadyFailed, already_failed
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, DependencyFailed,
-                     NoWorkersError, RemoteError, TransferError, WorkerLost)
+                     NoWorkersError, RemoteError, TaskNotUnique, TransferError, WorkerLost)
 from .executor import Executor
 from .futures import Encoded, Future, attach_traceback, cancel_and_notify
 from .mapping import MapResult, _Batch
@@ -32,6 +32,7 @@ from .records import parse_task_id, task_key
 from .refs import Ref, collect_refs, collected_deps
 from .security import HandshakeWatch, apply_curve, resolve_connection, runtime_dir
 from .tasks import encode_function
+from .taskqueue import TaskQueueAPI
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ BROKER_TIMEOUT = 10.0
 
 
 # ----------------------------------------------------------------- client
-class Client:
+class Client(TaskQueueAPI):
     """A connection to a shoal broker.
 
     >>> client = shoal.Client("tcp://10.0.0.5:5555", key_file="cluster.json")
@@ -84,6 +85,12 @@ class Client:
         self._tids = itertools.count(1)
         #: this client's id: with a task's number it names the task anywhere (Future.task_id)
         self.cid = os.urandom(8)
+        #: a broker with --store: its store's id, and the submits it has not yet stored
+        self._store: Optional[str] = None
+        self._unacked: dict[int, tuple] = {}
+        self._events = None  # the EventStream this client feeds (shoal events, shoal top)
+        self._asked: dict[int, tuple] = {}  # session-bound requests not yet answered
+        self._fn_names: dict[bytes, str] = {}  # function digest -> its name
         self._pending: dict[int, Any] = {}      # task id -> Future or map batch
         self._segments: dict[int, list] = {}    # task id -> shared-memory segments it sent
         # Everything bound for the broker goes through one ordered outbox,
@@ -194,31 +201,19 @@ class Client:
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, worker: Optional[str],
                 options: Optional[dict] = None) -> Future:
         self._check_open()
-        fn_payload, fn_digest, name = encode_function(fn)
         tid = next(self._tids)
         future = Future(tid, self)
         future._task_key = task_key(self.cid, tid)
         try:
-            (frames, meta), refs = collect_refs(
-                lambda: serialize.dumps_call(fn, args, kwargs, shm=self._shm_ok), client=self)
+            fn_payload, fn_digest, name, frames, meta, refs = self._prepare(
+                fn, args, kwargs, options, shm=self._shm_ok)
         except AlreadyFailed as failed:
-            collected_deps()
             future.set_exception(already_failed(future.task_id, failed))
             return future
-        deps = collected_deps()
-        if deps:
-            meta["dp"] = deps
-            future.add_done_callback(lambda _f, deps=deps: self._release_dependencies(deps))
-        if kwargs:
-            meta["kw"] = 1
-        if name is not None:
-            meta["fn"] = name
+        if "dp" in meta:
+            future.add_done_callback(lambda _f, deps=meta["dp"]: self._release_dependencies(deps))
         if worker is not None:
             meta["to"] = worker
-        if options:
-            meta.update(options)
-            if "rl" in options:  # the limit is per task name
-                meta["nm"] = name or serialize.task_name(fn)
         if "sb" in meta:
             meta["h"] = self._host
             self._segments[tid] = serialize.segment_names(meta)
@@ -226,6 +221,34 @@ class Client:
         self._pending[tid] = future
         self._post((Kind.SUBMIT, tid, fn_digest, fn_payload, refs, frames, meta))
         return future
+
+    def _prepare(self, fn: Any, args: tuple, kwargs: dict, options: Optional[dict],
+                 shm: bool = False, dependencies: bool = True) -> tuple:
+        """A call as it travels: ``(fn payload, fn digest, task name, frames, meta, refs)``.
+
+        Raises SerializationError naming what does not pickle, and AlreadyFailed
+        when it takes a future that failed.
+        """
+        fn_payload, fn_digest, name = encode_function(fn)
+        if fn_digest is not None and fn_digest not in self._fn_names:
+            self._fn_names[fn_digest] = serialize.task_name(fn)  # for the broker's events
+        try:
+            (frames, meta), refs = collect_refs(
+                lambda: serialize.dumps_call(fn, args, kwargs, shm=shm),
+                client=self if dependencies else None)
+        finally:
+            deps = collected_deps()
+        if deps:
+            meta["dp"] = deps
+        if kwargs:
+            meta["kw"] = 1
+        if name is not None:
+            meta["fn"] = name
+        if options:
+            meta.update(options)
+            if "rl" in options:  # the limit is per task name
+                meta["nm"] = name or serialize.task_name(fn)
+        return fn_payload, fn_digest, name, frames, meta, refs
 
     def map(self, fn: Callable, *iterables: Iterable, batch_size: Optional[int] = None,
             timeout: Optional[float] = None, progress: Optional[bool] = None,
@@ -588,12 +611,14 @@ class Client:
             kind = cmd[0]
             if kind == Kind.SUBMIT:
                 _, tid, fn_digest, fn_payload, refs, parts, meta = cmd
+                if self._store is not None:
+                    self._unacked[tid] = cmd  # sent again if the broker restarts before storing it
                 if fn_digest is None:  # a task sent by name
                     entries.append([tid, refs, len(parts), meta])
                 else:
                     if fn_digest not in self._sent_objects:
                         self._sent_objects.add(fn_digest)
-                        objects.append([fn_digest, 1])
+                        objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
                         frames.append(fn_payload)
                     entries.append([tid, [fn_digest, *refs], len(parts), meta])
                 unit_frames.extend(parts)
@@ -617,9 +642,15 @@ class Client:
                 self._send(sock, Kind.WORKER_LOST, {"name": cmd[1], "why": cmd[2]})
             elif kind == "ask":
                 _, ask_kind, fields, parts, rq = cmd
+                if ask_kind in _SESSION_BOUND and rq is not None:
+                    self._asked[rq] = cmd  # sent again if it reaches a restarted broker
                 self._send(sock, ask_kind, dict(fields, rq=rq), parts)
             elif kind == "dep-failed":
                 self._send(sock, Kind.SCATTER, {"failed": [cmd[1], cmd[2]]})
+            elif kind == "watch":
+                self._send(sock, Kind.WATCH, cmd[1])
+            elif kind == Kind.CLIENT_HELLO:
+                self._send(sock, kind, {"cid": self.cid})
             elif kind == "close":
                 if leader:
                     commands.appendleft(cmd)
@@ -666,15 +697,22 @@ class Client:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg.header["t"])
             elif kind == Kind.ATTACHED or kind == Kind.REPLY:
+                if self._asked:
+                    self._asked.pop(msg.header.get("rq"), None)
                 waiter = self._replies.get(msg.header.get("rq"))
                 if waiter is not None and not waiter.done():
                     waiter.set_result((msg.header, msg.frames))
+            elif kind == Kind.ACK:
+                self._on_ack(msg.header.get("t"))
+            elif kind == Kind.EVENTS:
+                if self._events is not None:
+                    self._events.deliver(msg.header.get("e", []))
             elif kind == Kind.HEARTBEAT:
-                self._check_session(msg.header.get("session"))
+                self._check_session(msg.header.get("session"), msg.header.get("store"))
                 if "workers" in msg.header:
                     self.workers = msg.header["workers"]  # notice the last worker leaving
             elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
-                self._check_session(msg.header.get("session"))
+                self._check_session(msg.header.get("session"), msg.header.get("store"))
                 self._learn(msg.header)
                 if kind == Kind.WELCOME:
                     self._welcome.set()
@@ -688,16 +726,25 @@ class Client:
                 self._send_dependency(msg.header.get("key"))
             elif kind == Kind.ERROR and msg.header.get("stale"):
                 # Our request named an earlier run of the broker: it restarted.
-                self._check_session(msg.header.get("session"))
+                self._check_session(msg.header.get("session"), msg.header.get("store"))
                 error = BrokerLost(f"the broker at {self.address} restarted; resubmit")
                 for tid in msg.header.get("t") or ():
-                    self._fail(tid, error)
+                    again = self._unacked.get(tid) if self._store else None
+                    if again is not None:
+                        self._post(again)  # a durable broker takes it again
+                    else:
+                        self._fail(tid, error)
+                asked = self._asked.pop(msg.header.get("rq"), None)
+                if asked is not None:
+                    self._post(asked)  # a request it sent before it saw the restart
             elif kind == Kind.ERROR:
                 text = msg.header.get("msg", "unknown error")
                 tids = msg.header.get("t")
                 if not tids:  # otherwise the failed futures carry the message
                     logger.error("broker: %s", text)
                 for tid in tids or ():
+                    self._asked.pop(tid, None)
+                    self._unacked.pop(tid, None)
                     self._fail(tid, BrokerError(text))
 
     def _learn(self, header: dict) -> None:
@@ -719,12 +766,18 @@ class Client:
         if silent > self.broker_timeout and (self._pending or self._replies):
             self._lose_broker(f"the broker at {self.address} has not answered for {silent:.0f} s")
 
-    def _check_session(self, session: Optional[str]) -> None:
+    def _check_session(self, session: Optional[str], store: Optional[str] = None) -> None:
         if session is None:
             return
-        if self._session is not None and session != self._session:
-            self._lose_broker(f"the broker at {self.address} restarted")
+        store = store or None  # (a broker without --store says "")
+        restarted = self._session is not None and session != self._session
+        durable = restarted and store is not None and store == self._store
         self._session = session
+        if restarted and durable:
+            self._resume()  # the same store: what it acknowledged is still there
+        elif restarted:
+            self._lose_broker(f"the broker at {self.address} restarted")
+        self._store = store
 
     def _lose_broker(self, why: str) -> None:
         """The broker died or restarted: what it held is gone; fail it, never hang."""
@@ -775,6 +828,9 @@ class Client:
             part = frames[pos:pos + n]
             pos += n
             target = self._pending.pop(tid, None)
+            if self._asked or self._unacked:  # (a fetch by id; a durable broker's task)
+                self._asked.pop(tid, None)
+                self._unacked.pop(tid, None)
             # Our argument segments: unlinked now, but their mappings are kept
             # alive by the decoder because a result may be a view of them.
             held = [serialize.segments.release(name) for name in self._segments.pop(tid, ())]
@@ -831,92 +887,6 @@ class Client:
             pos += n
         return done, header["running"]
 
-    # ------------------------------------------------------------ dependencies
-    def _hold_dependency(self, key: bytes, future: Future) -> None:
-        """A task being submitted takes ``future``: keep it until that task is done."""
-        entry = self._dependencies.get(key)
-        if entry is None:
-            self._dependencies[key] = [future, 1]
-        else:
-            entry[1] += 1
-
-    def _release_dependencies(self, keys: list) -> None:
-        for key in keys:
-            entry = self._dependencies.get(key)
-            if entry is not None:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del self._dependencies[key]
-
-    def _send_dependency(self, key) -> None:
-        """The broker cannot reach a dependency's value (it came back in shared
-        memory): send it, once it is here, as an object under the task's key."""
-        if not isinstance(key, bytes):
-            return
-        entry = self._dependencies.get(key)
-        if entry is None:
-            self._post(("dep-failed", key, "is no longer known to its client"))
-            return
-
-        def send(future: Future) -> None:
-            if future.cancelled():
-                self._post(("dep-failed", key, "was cancelled"))
-                return
-            exc = future.exception()
-            if exc is not None:
-                self._post(("dep-failed", key, f"raised {type(exc).__name__}: {exc}"))
-                return
-            try:
-                frames, _ = serialize.dumps(future.result())
-            except Exception as err:
-                self._post(("dep-failed", key, f"returned a value that cannot be sent ({err})"))
-                return
-            self._post((Kind.SCATTER, key, frames))
-
-        entry[0].add_done_callback(send)
-
-    def _status_of(self, future: Future) -> str:
-        """A pending task's state, asked of the broker (see Future.status)."""
-        if isinstance(future.key, int):
-            fields = {"t": [future.key]}
-        elif future._task_key is not None:
-            fields = {"k": [future._task_key]}
-        else:
-            return "pending"
-        header, _ = self._ask(Kind.TASK_INFO, fields)
-        state = header["s"][0]
-        if future.done():  # it finished while we asked
-            return future.status
-        return "running" if state in ("unknown", "done", "failed") else state
-
-    def future(self, task_id: str) -> Future:
-        """A :class:`Future` of any task by its id, also one another client
-        submitted, or one submitted before a kernel restart (while its result
-        is kept: see ``shoal broker --result-ttl``)."""
-        self._check_open()
-        key = parse_task_id(task_id)
-        tid = next(self._tids)
-        future = Future(tid, self)
-        future._task_key = key
-        self._pending[tid] = future
-        self._post(("ask", Kind.FETCH, {"key": key, "t": tid}, [], None))
-        return future
-
-    def result(self, task_id: str, timeout: Optional[float] = None) -> Any:
-        """The result of any task by its id (see :meth:`future`); raises its error."""
-        return self.future(task_id).result(timeout)
-
-    def _ask(self, kind: str, fields: Optional[dict] = None, frames: list = (),
-             timeout: float = 10.0) -> tuple:
-        """Send a request of ``kind``; return the broker's REPLY ``(header, frames)``.
-
-        Raises BrokerError with the broker's words when it refuses.
-        """
-        header, frames = self._request(("ask", kind, fields or {}, list(frames)), timeout)
-        if "error" in header:
-            raise BrokerError(header["error"])
-        return header, frames
-
     def _request(self, command: tuple, timeout: float,
                  on_reply: Optional[Callable[[Any], None]] = None):
         """Send a request that the broker answers by id; return its answer.
@@ -964,7 +934,9 @@ def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable
     elif status == "dep":
         target.set_exception(_dependency_failed(target, meta))
     elif status == "berr":
-        target.set_exception(BrokerError(str(meta.get("msg", "the broker refused the task"))))
+        text = str(meta.get("msg", "the broker refused the task"))
+        target.set_exception(TaskNotUnique(text, meta["uq"], meta.get("holder")) if "uq" in meta
+                             else BrokerError(text))
     else:
         target.set_exception(decode_exception(frames, meta.get("w", "")))
 

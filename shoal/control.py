@@ -17,12 +17,14 @@ thread (which also breaks ``time.sleep`` and other blocking calls), or with
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Optional
 
 import zmq
 
@@ -75,6 +77,13 @@ class Control(threading.Thread):
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._last_error = 0.0  # when an unexpected error was last logged
+        # Requests tasks make of the broker (locks): sent by this thread, which
+        # owns the socket; each task waits on its own event for the answer.
+        self._requests: deque = deque()
+        self._answers: dict[int, list] = {}  # request id -> [event, answer]
+        self._request_ids = itertools.count(1)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
 
     def install(self) -> None:
         """Install the interrupt signal handler; call from the main thread."""
@@ -97,12 +106,23 @@ class Control(threading.Thread):
     def run(self) -> None:
         worker = self.worker
         next_beat = 0.0
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._halt.is_set():
                 # Each step is guarded: this thread must outlive any one bad message or
                 # bug, or the worker stops heartbeating and is declared lost while alive.
                 try:
-                    if self.sock.poll(int(STREAM_SECONDS * 1000)):
+                    ready = dict(poller.poll(int(STREAM_SECONDS * 1000)))
+                    if self._wake_r in ready:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    while self._requests:
+                        self._send(*self._requests.popleft())
+                    if self.sock in ready:
                         self._receive()
                     failure = worker.watch.check()
                     if failure is not None:
@@ -125,6 +145,10 @@ class Control(threading.Thread):
                 worker.fail(failure)
             worker.watch.close()
             self.sock.close(linger=500)
+            for entry in list(self._answers.values()):
+                entry[0].set()  # a task waiting for an answer stops waiting
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _log_error(self, text: str) -> None:
         """Log an unexpected error with its traceback, at most every 5 s (it may repeat)."""
@@ -143,6 +167,11 @@ class Control(threading.Thread):
             try:
                 if msg.kind == Kind.CANCEL:
                     self._on_cancel(msg.header)
+                elif msg.kind == Kind.REPLY:
+                    entry = self._answers.get(msg.header.get("rq"))
+                    if entry is not None:
+                        entry[1] = msg.header
+                        entry[0].set()
                 elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
                     # The broker restarted and does not know this worker: register again.
                     logger.info("the broker does not know this worker (it restarted?): "
@@ -152,6 +181,29 @@ class Control(threading.Thread):
             except Exception:
                 self._log_error(f"a malformed {msg.kind} control message from the broker "
                                 "was dropped")
+
+    def lock_request(self, fields: dict, wait: Optional[float]) -> dict:
+        """From a task's thread: send a LOCK request and wait for the broker's answer."""
+        worker = self.worker
+        me = threading.get_ident()
+        unit = next((bid for bid, thread in list(worker.running_now.items()) if thread == me), 0)
+        rq = next(self._request_ids)
+        entry = self._answers[rq] = [threading.Event(), None]
+        self._requests.append((Kind.LOCK, dict(fields, rq=rq, b=unit, bs=worker.broker_session)))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        try:
+            if not entry[0].wait(None if wait is None else wait + 10.0) or entry[1] is None:
+                raise TimeoutError("the broker did not answer a lock request (is it running?)")
+        finally:
+            self._answers.pop(rq, None)
+        answer = entry[1]
+        if "error" in answer:
+            from .errors import BrokerError
+            raise BrokerError(answer["error"])
+        return answer
 
     def _on_cancel(self, header: dict) -> None:
         """Withdraw units not started; interrupt running ones if asked to.

@@ -99,6 +99,21 @@ class Retry(ShoalError):
         return type(self), (self.delay, self.max_retries)
 
 
+class TaskNotUnique(BrokerError):
+    """A task was submitted with a ``unique`` key that a queued or running task holds.
+
+    ``key`` is the key, ``holder`` the id of the task that holds it.
+    """
+
+    def __init__(self, message: str, key: str = "", holder: "str | None" = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.holder = holder
+
+    def __reduce__(self):
+        return type(self), (str(self), self.key, self.holder)
+
+
 class RetriesExhausted(ShoalError):
     """A task raised :class:`Retry` once more than it was allowed to."""
 

@@ -35,6 +35,20 @@ _FAILED = frozenset({"err", "lost", "cancelled", "berr", "dep"})
 RESULT_OWNER = b"\x00result"
 #: A task asked for by id waits this long for the task to arrive before it is unknown.
 FETCH_GRACE = 2.0
+_EVENT_OF = {"ok": "task-succeeded", "err": "task-failed", "cancelled": "task-cancelled",
+             "lost": "task-lost"}
+
+
+def _event_details(status: str, meta: dict) -> dict:
+    if status == "ok":
+        return {"runtime": meta.get("t")}
+    if status == "err":
+        return {"error": meta.get("x", "an exception")}
+    if status == "lost":
+        return {"error": "; ".join(f"{w} ({why})" for w, why in meta.get("lost", ()))}
+    if status in ("berr", "dep"):
+        return {"error": meta.get("msg") or f"dependency {meta.get('dep')} {meta.get('why')}"}
+    return {}
 
 
 class Flow:
@@ -100,6 +114,22 @@ class Flow:
             unit.waiting_on = waiting
         return None
 
+    def _held_by_dependencies(self: "Broker", unit: Unit) -> bool:
+        """Wire a new unit to the tasks it takes; True if it must not be queued now:
+        it waits for them, or it failed because one failed or is unknown."""
+        try:
+            failed = self._wire_dependencies(unit, unit.meta["dp"])
+        except LookupError as exc:
+            self._fail_dependency(unit, unit.meta["dp"][0], "berr", {"msg": str(exc)})
+            return True
+        if failed is not None:
+            self._fail_dependency(unit, failed[0], failed[1].status, failed[1].meta)
+            return True
+        if unit.waiting_on:
+            unit.state = WAITING
+            return True
+        return False
+
     def _result_object(self: "Broker", key: bytes, frames: list, digests: dict) -> None:
         """A finished task's result as an object tasks can take (see _release_result)."""
         if key not in self.objects:
@@ -144,7 +174,18 @@ class Flow:
             # (A result in shared memory is its client's: not kept.)
             for gone in self.kept.put(key, status, frames, meta, digests):
                 self._release_result(gone)
-            self.durable.result_kept(key, status, frames, meta)
+        if self.durable.durable:
+            self.durable.unit_removed(unit)
+            if key and "sb" not in meta:  # every task's, maps too: a resuming client asks
+                self.durable.result_kept(key, status, frames, meta, digests)
+        unique = unit.meta.get("uq")
+        if unique is not None and self.unique.get(unique) is unit:
+            del self.unique[unique]
+        if "sch" in unit.meta:
+            self._schedule_ran(unit, status)
+        if self.watchers:
+            self._event(_EVENT_OF.get(status, "task-failed"), unit, worker=meta.get("w"),
+                        **_event_details(status, meta))
         if unit.watchers:
             for ident, tid in unit.watchers:
                 self._send_outcome(ident, tid, status, frames, meta, digests)
@@ -230,9 +271,8 @@ class Flow:
         if not isinstance(key, bytes) or len(key) != 16:
             raise ValueError(f"malformed task key {key!r}")
         self._client(ident)
-        kept = self.kept.get(key)
-        if kept is not None:
-            self._send_outcome(ident, tid, kept.status, kept.frames, kept.meta, kept.digests)
+        if self._stored_outcome(key) is not None:
+            self._send_kept(ident, tid, key)
             return
         unit = self._unit_of(key)
         if unit is None:
@@ -243,6 +283,21 @@ class Flow:
         if unit.watchers is None:
             unit.watchers = []
         unit.watchers.append((ident, tid))
+
+    def _stored_outcome(self: "Broker", key: bytes) -> Optional[tuple]:
+        """``(status, frames, meta, digests)`` of a finished task: kept in memory,
+        or on disk (``--store``); None if neither has it."""
+        kept = self.kept.get(key)
+        if kept is not None:
+            return kept.status, kept.frames, kept.meta, kept.digests
+        stored = self.durable.result(key)
+        if stored is not None and time.time() - stored[4] <= self.kept.ttl:
+            return stored[:4]
+        return None
+
+    def _send_kept(self: "Broker", ident: bytes, tid: int, key: bytes) -> None:
+        status, frames, meta, digests = self._stored_outcome(key)
+        self._send_outcome(ident, tid, status, frames, meta, digests)
 
     def _on_task_info(self: "Broker", ident: bytes, msg) -> None:
         """States of this client's tasks (``t``: its task numbers) or of any (``k``: keys)."""

@@ -76,6 +76,8 @@ class Future(cf.Future):
         self._task_key: Optional[bytes] = None
         self._item: Optional[int] = None
         self._batch: Optional["Future"] = None
+        #: True once a broker with ``--store`` has stored the task (it survives a restart)
+        self.acknowledged = False
 
     @property
     def task_id(self) -> Optional[str]:

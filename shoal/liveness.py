@@ -21,8 +21,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from . import protocol
 from .protocol import Kind
-from .records import PARKED, QUEUED, RUNNING, Unit, WorkerRecord
+from .records import (ORPHANED, PARKED, QUEUED, RUNNING, WAITING_STATES, Unit,
+                      WorkerRecord)
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -58,6 +60,8 @@ class Liveness:
             return
         del self.workers[worker.ident]
         self._workers_changed()
+        if self.watchers:
+            self._event("worker-lost", worker=worker.name, why=reason)
         logger.warning("worker %s lost (%s); %d task(s) it held go back to the queue",
                        worker.name, reason, len(worker.running))
         self.counts["workers_lost"] = self.counts.get("workers_lost", 0) + 1
@@ -155,3 +159,66 @@ class Liveness:
         running = header.get("running")
         if isinstance(running, list):
             worker.reported = running
+
+    # ------------------------------------------------------------ clients that leave
+    @staticmethod
+    def _outlives_client(unit: Unit) -> bool:
+        """Keyed maps and timed tasks (delay, at) stay queued when their client
+        leaves: their results are kept for whoever asks (client.results, client.result)."""
+        return "k" in unit.meta or "at" in unit.meta or "dl" in unit.meta
+
+    def _on_client_bye(self: "Broker", ident: bytes, msg: protocol.Message) -> None:
+        self._forget_client(ident)
+
+    def _forget_client(self: "Broker", ident: bytes) -> None:
+        """Drop a client that left: its queued tasks go too, unless they outlive
+        it (see _outlives_client); the objects those use stay while they do."""
+        client = self.clients.pop(ident, None)
+        self.watchers.pop(ident, None)
+        if client is None:
+            return
+        kept: set = set()
+        for bid in client.tasks.values():
+            unit = self.tasks.get(bid)
+            if unit is None:
+                continue
+            if self._outlives_client(unit) or unit.state not in WAITING_STATES:
+                kept.update(unit.refs)
+            else:
+                del self.tasks[bid]
+                unit.state = "cancelled"
+                self._settled(unit, "cancelled")
+        released = []
+        for digest, obj in list(self.objects.items()):
+            obj.owners.discard(ident)
+            if digest in kept:
+                obj.owners.add(ORPHANED)  # until no task uses it (_collect_orphans)
+            elif not obj.owners:
+                del self.objects[digest]
+                released.append(digest)
+        self._release_objects(released)
+
+    def _collect_orphans(self: "Broker") -> None:
+        """Forget objects of departed clients that no task uses any more."""
+        orphans = {d for d, obj in self.objects.items() if obj.owners == {ORPHANED}}
+        if not orphans:
+            return
+        for unit in self.tasks.values():
+            orphans.difference_update(unit.refs)
+            if not orphans:
+                return
+        for digest in orphans:
+            del self.objects[digest]
+        self._release_objects(list(orphans))
+
+    def _release_objects(self: "Broker", released: list) -> None:
+        """Tell the workers holding these objects to drop them."""
+        for digest in released:
+            self.durable.object_removed(digest)
+        if released:
+            for w in self.workers.values():
+                if w.objects.intersection(released):
+                    w.objects.difference_update(released)
+                    self._send(w.ident, Kind.TASKS, {"u": [], "fg": released})
+
+    # -- workers

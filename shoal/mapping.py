@@ -114,6 +114,8 @@ class MapResult:
         if fn is not None:
             from .tasks import encode_function
             self._fn_payload, self._fn_digest, self._fn_name = encode_function(fn)
+            if self._fn_digest is not None:
+                client._fn_names.setdefault(self._fn_digest, serialize.task_name(fn))
         self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
         self._feeder.start()
 

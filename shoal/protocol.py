@@ -340,3 +340,16 @@ def frame_digests(header: dict, start: int, stop: int) -> dict:
     if not big:
         return {}
     return {i - start: d for i, d in big.items() if start <= i < stop}
+
+def identity_field(header: dict, name: str, default):
+    """The socket identity that header field ``name`` holds, or ``default`` without one.
+
+    Peers name their other sockets by identity (``rt``: a client's receiving
+    socket, ``wid``/``ctl``: a worker's main and control sockets), and the broker
+    later routes to them; anything but 1 to 255 bytes (ZeroMQ's routing ids)
+    is refused here, as a malformed message, not when a send fails.
+    """
+    value = header.get(name, default)
+    if value is not default and (type(value) is not bytes or not 1 <= len(value) <= 255):
+        raise ValueError(f"header field {name!r} is not a socket identity: {value!r:.40}")
+    return value

@@ -14,6 +14,10 @@ QUEUED, RUNNING, PARKED = "queued", "running", "parked"
 #: retry's back-off); for a rate limit's next token.
 WAITING, SCHEDULED, LIMITED = "waiting", "scheduled", "limited"
 DEFAULT_QUEUE = "default"
+#: States of a unit that has not started: a cancel withdraws it at the broker.
+WAITING_STATES = frozenset({QUEUED, PARKED, WAITING, SCHEDULED, LIMITED})
+#: The owner of an object whose client left while tasks that use it wait.
+ORPHANED = b""
 
 
 @dataclass
@@ -50,6 +54,7 @@ class StoredObject:
     frames: list
     digests: dict
     owners: set = field(default_factory=set)
+    name: str = ""  # a function's name, as its client sent it (for events and shoal top)
 
 
 @dataclass

@@ -61,6 +61,14 @@ store = ObjectStore()  # this process's; Ref pickles resolve through it
 namespace: dict = {"__name__": "__shoal_worker__"}
 
 
+_current: Optional["Worker"] = None
+
+
+def current_worker() -> Optional["Worker"]:
+    """The worker this process runs, if it is a worker (tasks ask it for locks)."""
+    return _current
+
+
 def resolve_ref(digest: bytes) -> Any:
     """Unpickling hook for :class:`shoal.client.Ref`: the scattered value itself."""
     return store.get(digest)
@@ -140,6 +148,7 @@ class Worker:
             raise ValueError(f"slots must be at least 1, not {slots}")
         #: named tasks this worker has (its --import modules define them)
         self.task_names = tasks.import_modules(imports or [])
+        self.broker_session: Optional[str] = None  # the broker run it registered with
         self.registered_only = registered_only
         store.safe = registered_only
         #: the queues this worker takes tasks from, and the resources it offers
@@ -211,6 +220,8 @@ class Worker:
 
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
+        global _current
+        _current = self
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.control.install()
         for t in self.threads:
@@ -305,6 +316,8 @@ class Worker:
             elif msg.kind == Kind.WELCOME:
                 name = msg.header.get("name")
                 self.name = name if isinstance(name, str) else self.name
+                session = msg.header.get("session")
+                self.broker_session = session if isinstance(session, str) else None
                 logger.info("registered with the broker as %s", self.name)
             elif msg.kind == Kind.ERROR:
                 logger.error("broker refused a message: %s", msg.header.get("msg"))
@@ -697,7 +710,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("address", nargs="?", help="broker address, tcp://HOST:PORT")
     parser.add_argument("--connection-file", help="connection file written by the broker")
     parser.add_argument("--key-file", help="file holding the cluster key (with ADDRESS)")
-    parser.add_argument("--slots", type=int, default=1, help="tasks run at once (threads; default 1)")
+    parser.add_argument("--slots", type=int, default=1, help="tasks run at once (default 1)")
+    parser.add_argument("--pool", choices=["thread", "process"], default="thread",
+                        help="how slots run: threads of this process (default), or one process "
+                             "each (pure-Python tasks in parallel; a crash takes one slot)")
     parser.add_argument("--name", help="worker name shown in status (default HOST-PID)")
     parser.add_argument("--queues", default=DEFAULT_QUEUE,
                         help="comma-separated queues to take tasks from (default: %(default)s); "
@@ -720,6 +736,8 @@ def main(argv: Optional[list] = None) -> int:
                         format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)
     if args.address and "://" not in args.address:
         args.address = f"tcp://{args.address}"
+    if args.slots < 1:
+        parser.error(f"--slots must be at least 1, not {args.slots}")
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     try:
         resources = parse_resources(args.resources)
@@ -750,6 +768,12 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     if "://" not in address:
         address = f"tcp://{address}"
+    if args.pool == "process" and args.slots > 1:
+        from .pool import run_process_pool
+        target = args.connection_file or address
+        return run_process_pool(list(sys.argv[1:] if argv is None else argv), args.slots,
+                                args.name or f"{socket.gethostname()}-{os.getpid()}",
+                                client_args=(target, None if args.connection_file else key))
     try:
         worker = Worker(address, key, slots=args.slots, name=args.name,
                         parent_pid=args.parent_pid, max_result_size=args.max_result_size,
