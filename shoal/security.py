@@ -7,6 +7,7 @@ it can run code on the workers.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -320,6 +321,12 @@ class AllowList:
         return self._keys.get(key)
 
 
+#: Numbers the monitor endpoints: pyzmq's default name reuses the socket's file
+#: descriptor, so one socket's endpoint can still be bound when a new socket gets
+#: that descriptor, and binding it fails ("Address already in use").
+_WATCH_IDS = itertools.count(1)
+
+
 class HandshakeWatch:
     """Watches a socket's handshakes with the broker through libzmq's socket monitor.
 
@@ -336,7 +343,8 @@ class HandshakeWatch:
         self.role = role  # "worker" or "client", for the advice
         self.monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            addr=f"inproc://shoal-handshake-{next(_WATCH_IDS)}")
         self._warned = False
 
     def check(self) -> Optional[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import json
 import os
 import select
@@ -31,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 import shoal
 from shoal import protocol, serialize
 from shoal.protocol import Kind
-from shoal.security import ConnectionInfo, apply_curve, read_connection_file
+from shoal.security import ConnectionInfo, HandshakeWatch, apply_curve, read_connection_file
 
 from conftest import wait_until
 
@@ -128,6 +129,9 @@ def private_copy(src, dst) -> Path:
     return dst
 
 
+_PEER_IDS = itertools.count(1)
+
+
 class RawPeer:
     """A DEALER socket that speaks the protocol by hand, as an attacker (or fuzzer) would."""
 
@@ -139,7 +143,9 @@ class RawPeer:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         if curve:
             apply_curve(self.sock, ConnectionInfo(address, key, curve=curve))
-        self.monitor = self.sock.get_monitor_socket() if monitor else None
+        # A numbered endpoint: pyzmq's default reuses file descriptors (see below).
+        self.monitor = self.sock.get_monitor_socket(
+            addr=f"inproc://raw-peer-{next(_PEER_IDS)}") if monitor else None
         self.sock.connect(address)
         self.session = protocol.Session()
         self.bs: Optional[str] = None
@@ -765,6 +771,20 @@ def test_a_client_refused_by_curve_gives_up_within_its_timeout_and_leaves_no_thr
     assert elapsed < 1, f"Client(timeout=1) took {elapsed:.1f} s to give up"
     assert unknown["public_key"] in str(info.value) and "shoal keys create" in str(info.value)
     assert _io_threads() == before, "the refused client's IO thread is still running"
+
+
+def test_handshake_watches_never_collide_however_many_sockets_come_and_go():
+    """pyzmq names a socket monitor's endpoint by the socket's file descriptor, which a new
+    socket can get while the old endpoint is still bound ("Address already in use", one
+    time in twenty here): a client's IO thread then died before saying hello."""
+    ctx = zmq.Context.instance()
+    info = ConnectionInfo("tcp://127.0.0.1:9", b"k" * 32)
+    for _ in range(3000):
+        sock = ctx.socket(zmq.DEALER)
+        watch = HandshakeWatch(sock, info, "client")
+        assert watch.check() is None
+        watch.close()
+        sock.close(linger=0)
 
 
 def test_a_revoked_worker_is_dropped_and_cannot_rejoin(curve_broker, tmp_path):
