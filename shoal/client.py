@@ -27,7 +27,7 @@ from .futures import Encoded, Future, attach_traceback, cancel_and_notify
 from .mapping import MapResult, _Batch
 from .protocol import FrameAltered, Kind, ProtocolError
 from .refs import Ref, collect_refs
-from .security import HandshakeWatch, apply_curve, resolve_connection, runtime_dir
+from .security import CURVE_ADVICE, HandshakeWatch, apply_curve, resolve_connection, runtime_dir
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,11 @@ class Client:
             self.close()
             if self._broken:
                 raise BrokerUnreachable(self._broken)
+            watch = getattr(self, "_watch", None)
+            if watch is not None and watch.last_failure:
+                raise BrokerUnreachable(
+                    f"no shoal broker answered at {self.address} within {timeout:g} s: "
+                    f"{watch.last_failure}, every time. {CURVE_ADVICE}.")
             raise BrokerUnreachable(
                 f"no shoal broker answered at {self.address} within {timeout:g} s. Check that "
                 "`shoal broker` (or a Cluster) is running, that the address matches, and that the "

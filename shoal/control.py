@@ -123,7 +123,6 @@ class Control(threading.Thread):
             failure = worker.watch.check()  # a refusal seen only as the worker stops
             if failure is not None:
                 worker.fail(failure)
-            worker.watch.close()
             self.sock.close(linger=500)
 
     def _log_error(self, text: str) -> None:
