@@ -30,7 +30,7 @@ from .options import task_options
 from .protocol import FrameAltered, Kind, ProtocolError
 from .records import parse_task_id, task_key
 from .refs import Ref, collect_refs, collected_deps
-from .security import HandshakeWatch, apply_curve, resolve_connection, runtime_dir
+from .security import CURVE_ADVICE, HandshakeWatch, apply_curve, resolve_connection, runtime_dir
 from .tasks import encode_function
 from .taskqueue import TaskQueueAPI
 from .transport import recv_frames, send_frames
@@ -132,6 +132,11 @@ class Client(TaskQueueAPI):
             self.close()
             if self._broken:
                 raise BrokerUnreachable(self._broken)
+            watch = getattr(self, "_watch", None)
+            if watch is not None and watch.last_failure:
+                raise BrokerUnreachable(
+                    f"no shoal broker answered at {self.address} within {timeout:g} s: "
+                    f"{watch.last_failure}, every time. {CURVE_ADVICE}.")
             raise BrokerUnreachable(
                 f"no shoal broker answered at {self.address} within {timeout:g} s. Check that "
                 "`shoal broker` (or a Cluster) is running, that the address matches, and that the "
@@ -524,19 +529,20 @@ class Client(TaskQueueAPI):
     # ------------------------------------------------------------ IO thread
     def _io_loop(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        apply_curve(sock, self.info)
-        self._watch = watch = HandshakeWatch(sock, self.info, "client")
-        sock.connect(self.info.local_address())
-        self._sock = sock
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        poller.register(watch.monitor, zmq.POLLIN)
-        lock = self._sock_lock
+        watch = None
         try:
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            apply_curve(sock, self.info)
+            self._watch = watch = HandshakeWatch(sock, self.info, "client")
+            sock.connect(self.info.local_address())
+            self._sock = sock
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            poller.register(watch.monitor, zmq.POLLIN)
+            lock = self._sock_lock
             while not self._broken:
                 with lock:
                     # Commands queued while this thread was parked wrote no
@@ -553,12 +559,15 @@ class Client(TaskQueueAPI):
                     self._housekeeping(sock)
                 if self._leader_wanted:
                     self._park_io()
-        except Exception:  # the IO thread must never die silently
+        except Exception as exc:  # the IO thread must never die silently
             logger.exception("shoal client IO thread failed")
+            self._broken = self._broken or f"the client's IO thread failed ({exc!r}); see the log"
             for tid in list(self._pending):
                 self._fail(tid, ClientClosed("the client's IO thread failed; see the log"))
+            self._welcome.set()  # Client() stops waiting, and raises saying why
         finally:
-            watch.close()
+            if watch is not None:
+                watch.close()
             sock.close(linger=500)
 
     def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:

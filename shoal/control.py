@@ -143,7 +143,6 @@ class Control(threading.Thread):
             failure = worker.watch.check()  # a refusal seen only as the worker stops
             if failure is not None:
                 worker.fail(failure)
-            worker.watch.close()
             self.sock.close(linger=500)
             for entry in list(self._answers.values()):
                 entry[0].set()  # a task waiting for an answer stops waiting

@@ -7,6 +7,7 @@ it can run code on the workers.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -320,24 +321,45 @@ class AllowList:
         return self._keys.get(key)
 
 
+#: Numbers the monitor endpoints: pyzmq's default name reuses the socket's file
+#: descriptor, so one socket's endpoint can still be bound when a new socket gets
+#: that descriptor, and binding it fails ("Address already in use").
+_WATCH_IDS = itertools.count(1)
+CURVE_ADVICE = ("A Curve-secured broker needs a connection file it wrote for you (`shoal keys "
+                "create NAME` on its machine), holding its current server key")
+
+
 class HandshakeWatch:
     """Watches a socket's handshakes with the broker through libzmq's socket monitor.
 
     libzmq never retries a connection whose key the broker refused, nor one where
     only one side uses Curve: the socket is left with no connection, and a peer
     would wait in silence.  :meth:`check` says why instead.  Attach before
-    ``connect`` and call from one thread only.
+    ``connect``; call :meth:`check` from one thread only, and :meth:`close` from
+    the socket's own thread, before closing it.
+
+    libzmq sends each event from its IO thread and waits while the event cannot
+    be queued, which would stall every socket of the process; so the queue has no
+    limit (nobody may read for a long while: a client's IO thread is parked while
+    a caller waits in ``result()``), and monitoring stops before the reader goes.
     """
 
     def __init__(self, sock, info: ConnectionInfo, role: str) -> None:
         import zmq
         self._zmq = zmq
+        self.sock = sock
         self.info = info
         self.role = role  # "worker" or "client", for the advice
-        self.monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        address = f"inproc://shoal-handshake-{next(_WATCH_IDS)}"
+        sock.monitor(address, zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.monitor = sock.context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)  # with it, the queue has no limit
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.monitor.connect(address)
         self._warned = False
+        #: the last handshake failure libzmq retries after, as a sentence, if any
+        self.last_failure: Optional[str] = None
 
     def check(self) -> Optional[str]:
         """Why the connection failed for good (a sentence saying what to do), or None."""
@@ -374,14 +396,18 @@ class HandshakeWatch:
                         f"{name}` on its machine): `{use}`")
             return (f"the handshake with the broker at {info.address} failed (ZeroMQ protocol "
                     f"error {value:#x}); is a shoal broker of the same version listening there?")
-        if not self._warned:  # libzmq retries these: say it once, then keep trying
+        # libzmq retries these (a wrong server key; or, racing the mismatch report, one
+        # side without Curve): keep the latest for a timeout to quote, say it once.
+        self.last_failure = (f"the handshake with the broker at {info.address} failed "
+                             f"({os.strerror(value) if value > 0 else 'no detail'})")
+        if not self._warned:
             self._warned = True
-            logger.warning("the handshake with the broker at %s failed (%s); retrying. With a "
-                           "Curve-secured broker, check that the connection file holds its "
-                           "current server key", info.address, value)
+            logger.warning("%s; retrying. %s", self.last_failure, CURVE_ADVICE)
         return None
 
     def close(self) -> None:
+        """Stop monitoring, then close the reader (never the other way round: see above)."""
+        self.sock.disable_monitor()
         self.monitor.close(0)
 
 

@@ -288,6 +288,7 @@ class Worker:
         self.control.join(2)
         for _ in self.threads:
             self.inbox.put(None)
+        self.watch.close()  # on this thread, which owns the socket; the control thread is done
         self.sock.close(linger=500)
         serialize.segments.unlink_all()
         sys.stdout, sys.stderr = self.stdout.original, self.stderr.original
