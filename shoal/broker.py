@@ -105,6 +105,9 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
         self.key = key or new_key()
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A send to a peer that is not connected fails instead of vanishing: a
+        # worker's task socket may reconnect after its control socket has spoken.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.address = _bind(self.sock, listen)
@@ -144,6 +147,7 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
         #: where state survives a restart (``--store``); MemoryOnly does nothing
         self.durable = store if store is not None else MemoryOnly()
         self.acks: dict[bytes, list] = {}  # client -> task numbers stored, not yet acknowledged
+        self.unreachable: dict[bytes, tuple] = {}  # worker hellos whose task socket is not up
         self.unique: dict[str, Unit] = {}  # submit(unique=...) key -> the unit holding it
         self.locks = LockTable()
         self.schedules = Schedules()  # periodic tasks
@@ -307,6 +311,8 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
             self._expire_fetches()
         self._collect_orphans()
         self._check_locks()
+        if self.unreachable:
+            self._retry_unreachable()
         for rid, request in list(self.cancels.items()):
             if now - request.at > 30:  # a worker that never answered
                 del self.cancels[rid]
@@ -335,9 +341,16 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
 
     # ------------------------------------------------------------ messages
     def _send(self, ident: bytes, kind: str, fields: Optional[dict] = None,
-              frames=(), digests: Optional[dict] = None) -> None:
-        send_frames(self.sock, [ident, *protocol.encode(self.key, kind, fields, frames, digests,
-                                                         self.out)])
+              frames=(), digests: Optional[dict] = None) -> bool:
+        """Send a message to the peer ``ident``; False if no such peer is connected."""
+        try:
+            send_frames(self.sock, [ident, *protocol.encode(self.key, kind, fields, frames,
+                                                             digests, self.out)])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return False  # gone, or not yet reconnected (see ROUTER_MANDATORY above)
+        return True
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
@@ -677,10 +690,17 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
 
     def _on_worker_hello(self, ident: bytes, msg: protocol.Message) -> None:
         h = msg.header
+        sender = ident
         # A worker re-registering after a broker restart says hello from its
         # control socket, naming its main socket (``wid``), where tasks go.
         ident = identity_field(h, "wid", ident)
         control = identity_field(h, "ctl", None)
+        old = self.workers.get(ident)
+        if old is not None and old.control == control and old.pid == h.get("pid"):
+            # The same process again (heartbeats queued while the broker was down each
+            # asked it to register): it holds what it held; just welcome it.
+            self._send(ident, Kind.WELCOME, {"name": old.name, "session": self.session})
+            return
         slots = h.get("slots", 1)
         if not isinstance(slots, int) or not 1 <= slots <= 100_000:
             raise ValueError(f"worker announced {slots!r} slots")
@@ -698,6 +718,12 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
         task_names = h.get("tk", [])
         if not isinstance(task_names, list) or not all(isinstance(t, str) for t in task_names):
             raise ValueError(f"worker announced tasks {task_names!r}")
+        if not self._send(ident, Kind.WELCOME, {"name": name, "session": self.session}):
+            # Its main socket has not reconnected yet (its control socket spoke for
+            # it): tasks sent there would be lost.  Register it once it can be reached.
+            self.unreachable[ident] = (sender, msg, time.monotonic())
+            return
+        self.unreachable.pop(ident, None)
         old = self.workers.pop(ident, None)
         if old is not None:
             self._requeue(old)  # it restarted its session: what it held never ran
@@ -715,7 +741,17 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
                     f", resources {_format_resources(resources)}" if resources else "",
                     f", {len(task_names)} named task(s)" + (
                         ", registered tasks only" if h.get("ro") else "") if task_names else "")
-        self._send(ident, Kind.WELCOME, {"name": name, "session": self.session})
+
+    def _retry_unreachable(self) -> None:
+        """Register workers whose main socket could not be reached at their hello."""
+        now = time.monotonic()
+        for ident, (sender, msg, since) in list(self.unreachable.items()):
+            if now - since > self.worker_timeout:
+                del self.unreachable[ident]
+                logger.warning("worker %s said hello but its task socket never became reachable",
+                               msg.header.get("name"))
+            else:
+                self._on_worker_hello(sender, msg)
 
     def _workers_changed(self) -> None:
         """A worker joined or left: what every client was told about unrunnable tasks may
@@ -892,7 +928,14 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
         fields = {"u": entries}
         if objects:
             fields["ob"] = objects
-        self._send(worker.ident, Kind.TASKS, fields, frames, digests)
+        if not self._send(worker.ident, Kind.TASKS, fields, frames, digests):
+            # Its task socket is gone (the control socket may live on): take its
+            # units back, uncharged, until it registers again.
+            logger.warning("worker %s cannot be reached; its %d task(s) go back to the queue",
+                           worker.name, len(worker.running))
+            self.workers.pop(worker.ident, None)
+            self._workers_changed()
+            self._requeue(worker)
 
 
 def _format_resources(resources: dict) -> str:

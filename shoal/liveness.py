@@ -161,11 +161,12 @@ class Liveness:
             worker.reported = running
 
     # ------------------------------------------------------------ clients that leave
-    @staticmethod
-    def _outlives_client(unit: Unit) -> bool:
-        """Keyed maps and timed tasks (delay, at) stay queued when their client
-        leaves: their results are kept for whoever asks (client.results, client.result)."""
-        return "k" in unit.meta or "at" in unit.meta or "dl" in unit.meta
+    def _outlives_client(self: "Broker", unit: Unit) -> bool:
+        """Tasks that stay queued when their client leaves, their results kept for
+        whoever asks (client.result, client.results): keyed maps, timed tasks
+        (delay, at), and every task of a broker with --store (durable queues)."""
+        return (self.durable.durable or "k" in unit.meta or "at" in unit.meta
+                or "dl" in unit.meta)
 
     def _on_client_bye(self: "Broker", ident: bytes, msg: protocol.Message) -> None:
         self._forget_client(ident)
