@@ -30,7 +30,7 @@ from .locks import LockRequests, LockTable, Owner
 from .monitor import Events
 from .periodic import ScheduleRequests, Schedules
 from .requests import Requests
-from .records import (DEFAULT_QUEUE, ORPHANED, PARKED, QUEUED, RUNNING, WAITING,
+from .records import (DEFAULT_QUEUE, ORPHANED, PARKED, QUEUED, RUNNING,
                       CancelRequest, ClientRecord, StoredObject, Unit, WorkerRecord, task_id,
                       task_key)
 from .routing import (TaskQueue, describe_route, parse_resources, runnable_somewhere, unit_route,
