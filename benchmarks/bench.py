@@ -103,6 +103,18 @@ def bench_array(client: shoal.Client, megabytes: int, repeats: int) -> dict:
             "array_100mb_samples": samples, "array_mb": megabytes}
 
 
+def bench_submit_store(n: int, repeats: int, workers: int) -> dict:
+    """The same submits on a cluster whose broker has a store (``--store``): each
+    pass's writes are committed before its tasks are acknowledged."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        with shoal.Cluster(n_workers=workers, store=os.path.join(tmp, "broker.db")) as cluster:
+            client = cluster.client()
+            figures = bench_submit(client, n, repeats)
+    return {"submit_store_tasks_per_s": figures["submit_tasks_per_s"],
+            "submit_store_samples": figures["submit_samples"]}
+
+
 def run_all(quick: bool, workers: int) -> dict:
     results: dict = {}
     start = time.perf_counter()
@@ -118,6 +130,7 @@ def run_all(quick: bool, workers: int) -> dict:
         start = time.perf_counter()
         cluster.close()
         results["cluster_close_s"] = time.perf_counter() - start
+    results.update(bench_submit_store(2_000 if quick else 10_000, 1 if quick else 3, workers))
     return results
 
 
@@ -127,6 +140,7 @@ ROWS = [  # (key, label, scale, format)
     ("round_trip_median_us", "round trip, median", 1, "{:,.0f} us"),
     ("round_trip_p99_us", "round trip, p99", 1, "{:,.0f} us"),
     ("submit_tasks_per_s", "submit + wait, {submit_n:,} tasks", 1, "{:,.0f} /s"),
+    ("submit_store_tasks_per_s", "the same, broker with --store", 1, "{:,.0f} /s"),
     ("map_tasks_per_s", "map, {map_n:,} items", 1, "{:,.0f} /s"),
     ("array_100mb_best_s", "100 MB array round trip, best", 1, "{:.3f} s"),
     ("array_100mb_median_s", "100 MB array round trip, median", 1, "{:.3f} s"),

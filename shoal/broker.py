@@ -883,7 +883,8 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
 
     def _dispatch(self) -> None:
         """Hand queued units to workers by credit, FIFO, spreading a short queue evenly."""
-        free = [w for w in self.workers.values() if w.capacity > 0]
+        now = time.monotonic()
+        free = [w for w in self.workers.values() if w.capacity > 0 and w.blocked_until <= now]
         while self.queue and free:
             # Idle slots first, so a new task never waits behind another's prefetch.
             free.sort(key=lambda w: len(w.running) - w.slots)
@@ -893,7 +894,8 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
                 units = self.queue.take(worker, min(worker.capacity, share), self._admit)
                 if units:
                     progressed = True
-                    self._send_units(worker, units)
+                    if not self._send_units(worker, units):
+                        units = None  # unreachable for now
                 if worker.capacity <= 0 or not units:
                     free.remove(worker)
                 if not self.queue:
@@ -901,7 +903,9 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
             if not progressed:
                 break
 
-    def _send_units(self, worker: WorkerRecord, units: list) -> None:
+    def _send_units(self, worker: WorkerRecord, units: list) -> bool:
+        """Send ``units`` to ``worker``; False (and the units back in the queue) if its
+        task socket cannot be reached."""
         frames: list = []
         digests: dict = {}
         objects = []
@@ -928,14 +932,20 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
         fields = {"u": entries}
         if objects:
             fields["ob"] = objects
-        if not self._send(worker.ident, Kind.TASKS, fields, frames, digests):
-            # Its task socket is gone (the control socket may live on): take its
-            # units back, uncharged, until it registers again.
-            logger.warning("worker %s cannot be reached; its %d task(s) go back to the queue",
-                           worker.name, len(worker.running))
-            self.workers.pop(worker.ident, None)
-            self._workers_changed()
-            self._requeue(worker)
+        if self._send(worker.ident, Kind.TASKS, fields, frames, digests):
+            return True
+        # Its task socket is not connected: it died (liveness will say so, and
+        # charge what it was running) or it is reconnecting.  These units never
+        # left: put them back, and try the worker again in a moment.
+        for unit in reversed(units):
+            worker.finish(unit.bid)
+            unit.state, unit.worker = QUEUED, None
+            self.queue.appendleft(unit)
+        worker.objects.difference_update(ref for ref, _ in objects)
+        worker.blocked_until = time.monotonic() + 0.5
+        logger.info("worker %s cannot be reached now; %d task(s) stay queued", worker.name,
+                    len(units))
+        return False
 
 
 def _format_resources(resources: dict) -> str:

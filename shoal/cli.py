@@ -65,7 +65,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         cluster = Cluster(n_workers=args.n_workers, slots=args.slots, listen=args.listen,
-                          timeout=args.timeout)
+                          timeout=args.timeout, store=args.store)
     except KeyboardInterrupt:
         return _fail("interrupted while starting the cluster")
     except (ClusterError, OSError, ValueError) as exc:
@@ -122,8 +122,11 @@ def format_status(state: dict) -> str:
             f"other tasks   {sum((state.get('rate_limited') or {}).values())} rate-limited")
     if any(state.get(k) for k in ("scheduled", "waiting", "rate_limited")):
         lines.append(f"held      {held}")
-    if state.get("schedules"):
-        lines.append(f"periodic  {state['schedules']} schedule(s) (client.schedules() lists them)")
+    for entry in state.get("schedule_list") or ():
+        when = entry.get("cron") or f"every {entry.get('every'):g} s"
+        nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["next_run"]))
+        lines.append(f"periodic  {entry['name']!r} ({when}, {entry.get('tz')}): next run {nxt}, "
+                     f"{entry.get('runs', 0)} run(s), last {entry.get('last_status') or '-'}")
     for lock in state.get("locks") or ():
         lines.append(f"lock      {lock['name']!r} held by {lock['holder'] or 'nobody'}"
                      + (f", {lock['waiting']} waiting" if lock.get("waiting") else ""))
@@ -332,6 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:0",
                    help="address the broker binds (default 127.0.0.1 and a free port)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds allowed to start")
+    p.add_argument("--store", metavar="PATH",
+                   help="keep queued tasks, results, schedules and locks in this SQLite file")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("status", help="show a broker's workers and task counts",

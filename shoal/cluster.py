@@ -44,6 +44,8 @@ class Cluster:
 
     ``n_workers`` defaults to one per CPU core.  ``cluster.address`` and
     ``cluster.connection_file`` tell remote workers where to join.
+    ``store=PATH`` keeps the broker's queued tasks, results, schedules and
+    locks in that SQLite file (``shoal broker --store``).
     ``queues``, ``resources``, ``imports`` and ``registered_only`` apply to
     every worker (as ``shoal worker --queues``, ``--resources``, ``--import``,
     ``--registered-only``); :meth:`add_workers` starts differently equipped
@@ -55,7 +57,8 @@ class Cluster:
                  log_level: str = "INFO", restart: bool = True,
                  allowed_failures: int = 3, max_result_size: Optional[int] = None,
                  queues: Optional[list] = None, resources: Any = None,
-                 imports: Optional[list] = None, registered_only: bool = False) -> None:
+                 imports: Optional[list] = None, registered_only: bool = False,
+                 store: Optional[str] = None) -> None:
         if n_workers is None:
             n_workers = os.cpu_count() or 1
         if n_workers < 0:
@@ -66,6 +69,8 @@ class Cluster:
         self.timeout = timeout
         self.log_level = log_level
         self.allowed_failures = allowed_failures
+        #: the broker's durable store (``shoal broker --store``), if any
+        self.store = str(store) if store is not None else None
         self.max_result_size = max_result_size
         self._default_options = _worker_options(queues=queues, resources=resources,
                                                 imports=imports, registered_only=registered_only)
@@ -112,7 +117,8 @@ class Cluster:
             self.broker = subprocess.Popen(
                 _python_command("shoal.broker", "--listen", listen, "--connection-file", str(path),
                                 "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
-                                "--allowed-failures", str(self.allowed_failures), *local),
+                                "--allowed-failures", str(self.allowed_failures), *local,
+                                *(["--store", self.store] if self.store else [])),
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         if local:

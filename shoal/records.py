@@ -77,6 +77,7 @@ class WorkerRecord:
     used: dict = field(default_factory=dict)  # what its running units hold
     task_names: frozenset = frozenset()  # named tasks it has (shoal worker --import)
     registered_only: bool = False  # runs named tasks of task_names only
+    blocked_until: float = 0.0  # its task socket was unreachable: no tasks before then
     key: Optional[str] = None  # its Curve public key, on a Curve-secured broker
 
     @property

@@ -112,6 +112,8 @@ class Requests:
             "unrunnable": self._unrunnable(),
             "locks": self.locks.summary(),
             "schedules": len(self.schedules),
+            "schedule_list": [s.describe() for s in sorted(self.schedules.by_name.values(),
+                                                           key=lambda s: s.next_run)][:20],
             "stored": self.durable.counts() if self.durable.durable else None,
             "watchers": [{"unacked": w.unacked, "dropped": w.dropped}
                          for w in self.watchers.values()],

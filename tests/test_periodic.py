@@ -132,3 +132,17 @@ def test_the_schedules_own_next_times_follow_cron_and_dst():
     assert dt.datetime.fromtimestamp(second, dt.timezone.utc).hour == 7
     assert second - first == 24 * 3600
     assert next_time("every", 30.0, None, 100.0) == 130.0
+
+
+def test_shoal_status_lists_each_schedule_with_its_next_run(idle_client, cluster):
+    import subprocess
+    import sys
+    idle_client.every("30 4 * * *", stamp, os.devnull, name="nightly")
+    try:
+        out = subprocess.run([sys.executable, "-m", "shoal", "status", cluster.connection_file],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        idle_client.cancel_schedule("nightly")
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if "'nightly'" in line)
+    assert "30 4 * * *" in line and "next run 20" in line and "UTC" in line
