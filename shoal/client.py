@@ -384,6 +384,9 @@ class Client(TaskQueueAPI):
             return
         self._closed = True
         self._post(("close",))
+        if self._events is not None:  # a watcher of this client's events stops
+            self._events.fail(ClientClosed("the client was closed"))
+            self._events = None
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
         os.close(self._wake_r)
@@ -772,7 +775,7 @@ class Client(TaskQueueAPI):
         self._next_beat = now + HEARTBEAT_SECONDS
         self._send(sock, Kind.HEARTBEAT)
         silent = now - self._last_heard
-        if silent > self.broker_timeout and (self._pending or self._replies):
+        if silent > self.broker_timeout and (self._pending or self._replies or self._events):
             self._lose_broker(f"the broker at {self.address} has not answered for {silent:.0f} s")
 
     def _check_session(self, session: Optional[str], store: Optional[str] = None) -> None:
@@ -801,6 +804,9 @@ class Client(TaskQueueAPI):
         for waiter in list(self._replies.values()):
             if not waiter.done():
                 waiter.set_exception(error)
+        if self._events is not None:
+            self._events.fail(error)
+            self._events = None
         self._last_heard = time.monotonic()
 
     def _check_workers(self, sock) -> None:

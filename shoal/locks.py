@@ -327,8 +327,13 @@ class LockRequests:
         alive = {c.cid for c in self.clients.values()
                  if c.cid and now - c.last_seen <= HOLDER_TIMEOUT}
         workers = {w.name: w for w in self.workers.values()}
+        # After a durable broker restarted, holders get as long to come back as a
+        # live holder may stay silent.
+        grace = now - self._restored_at < HOLDER_TIMEOUT
 
         def dead(owner: Owner) -> bool:
+            if grace:
+                return False
             if owner.is_task:
                 worker = workers.get(owner.worker)
                 return worker is None or (owner.unit and owner.unit not in worker.running)

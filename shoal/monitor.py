@@ -307,12 +307,20 @@ class EventStream:
         self._queue.put(events)
         self._send({"ack": 1})
 
+    def fail(self, error: BaseException) -> None:
+        """The broker is gone: the watcher's next ``get`` raises ``error``."""
+        self._queue.put(error)
+
     def get(self, timeout: Optional[float] = None) -> list:
+        """The next batch of events; TimeoutError after ``timeout`` seconds without one."""
         import queue
         try:
-            return self._queue.get(timeout=timeout)
+            batch = self._queue.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError from None
+        if isinstance(batch, BaseException):
+            raise batch
+        return batch
 
     def close(self) -> None:
         self._close()

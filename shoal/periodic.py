@@ -308,6 +308,8 @@ class ScheduleRequests:
         self.counts["scheduled_runs"] = self.counts.get("scheduled_runs", 0) + 1
         self.durable.unit_added(unit)
         self.durable.schedule_saved(schedule)
+        if self.watchers:
+            self._event("schedule-run", unit, schedule=schedule.name, run=schedule.runs)
         self._enqueue(unit)
 
     def _schedule_ran(self, unit, status: str) -> None:

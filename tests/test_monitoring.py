@@ -179,3 +179,19 @@ def test_top_shows_running_tasks_and_recent_failures_from_events():
     text = view.render()
     assert "pkg.slow" in text and "w1" in text
     assert "RECENT FAILURES" in text and "KeyError: 'x'" in text
+
+
+def test_watching_ends_with_broker_lost_when_the_broker_dies():
+    import shoal
+    from conftest import running_cluster
+    with running_cluster(n_workers=0) as cluster:
+        client = cluster.client(broker_timeout=2)
+        events = watch(client)
+        cluster.broker.kill()
+        cluster.broker.wait(10)
+        started = time.monotonic()
+        with pytest.raises(shoal.BrokerLost):
+            for _ in events:
+                pass
+        assert time.monotonic() - started < 10
+        client.close()
