@@ -55,7 +55,7 @@ class Signature:
         """Submit it; arguments in ``first`` go before its own (a chain's previous
         result).  Returns a :class:`shoal.Future`."""
         args = self.args if self.immutable else first + self.args
-        return _client(client).submit(self.fn, *args, **self.options, **self.kwargs)
+        return _client(client).apply(self.fn, args, self.kwargs, **self.options)
 
     __call__ = submit
 

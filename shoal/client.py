@@ -188,6 +188,15 @@ class Client(TaskQueueAPI):
                                rate_limit=rate_limit)
         return self._submit(fn, args, kwargs, None, options)
 
+    def apply(self, fn: Callable, args: tuple = (), kwargs: Optional[dict] = None,
+              **options: Any) -> Future:
+        """:meth:`submit` with the call and the task options apart (as Celery's
+        ``apply_async``), so ``fn`` may take keywords named like the options.
+
+        >>> client.apply(plot, (data,), {"priority": "high"}, priority=10, queue="io")
+        """
+        return self._submit(fn, tuple(args), dict(kwargs or {}), None, task_options(**options))
+
     def submit_to(self, worker: str, fn: Callable, *args: Any, **kwargs: Any) -> Future:
         """Like :meth:`submit`, on the worker named ``worker`` (see :meth:`worker_names`).
 

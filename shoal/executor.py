@@ -31,7 +31,9 @@ class Executor(cf.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = self.client.submit(fn, *args, **kwargs)
+            # As the stdlib's executors do, every keyword goes to ``fn`` (none is
+            # taken as a shoal task option, such as ``timeout`` or ``queue``).
+            future = self.client._submit(fn, args, kwargs, None)
             self._futures.add(future)
             return future
 

@@ -69,8 +69,7 @@ class Task:
                     **options: Any):
         """Submit with options beside its defaults (Celery's ``apply_async``)."""
         from .canvas import _client
-        return _client(client).submit(self, *args, **{**self.options, **options},
-                                      **(kwargs or {}))
+        return _client(client).apply(self, args, kwargs, **{**self.options, **options})
 
     def map(self, *iterables: Any, client: Any = None, **options: Any):
         """``client.map`` of this task over ``iterables``; a MapResult."""

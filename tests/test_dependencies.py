@@ -245,3 +245,13 @@ def test_status_follows_a_task_from_queued_to_running_to_done(idle_client, tmp_p
     queued.result(timeout=10)
     assert queued.status == "done"
     idle_client.gather(blockers, timeout=10)
+
+
+def test_apply_keeps_the_call_and_the_task_options_apart(idle_client):
+    def takes(priority, queue="none"):
+        return priority, queue
+
+    assert idle_client.apply(takes, ("high",), {"queue": "mine"}, priority=3).result(10) == \
+        ("high", "mine")
+    sig = shoal.s(takes, "low", queue="theirs").set(priority=1)
+    assert sig.submit().result(10) == ("low", "theirs")

@@ -373,6 +373,15 @@ def test_executor_submit_passes_keyword_arguments(client):
         assert ex.submit(int, "ff", base=16).result(timeout=30) == 255
 
 
+def test_executor_submit_passes_keywords_named_like_shoal_options_to_the_function(client):
+    def takes(timeout, queue, priority=0, retries=None):
+        return timeout, queue, priority, retries
+
+    with client.executor() as ex:
+        assert ex.submit(takes, timeout=5, queue="q", priority=2, retries=1).result(30) == \
+            (5, "q", 2, 1)
+
+
 def test_executor_map_honours_chunksize_and_order(client):
     with client.executor() as ex:
         assert list(ex.map(abs, range(-100, 0), chunksize=7, timeout=30)) == \
