@@ -211,7 +211,10 @@ class ClusterStatus:
     """What ``%shoal status`` shows: the broker's state, as a table of workers."""
 
     _COLUMNS = (("name", "name"), ("host", "host"), ("pid", "pid"), ("slots", "slots"),
-                ("running", "running"), ("done", "done"), ("mean task ms", "mean_task_ms"))
+                ("running", "running"), ("done", "done"), ("mean task ms", "mean_task_ms"),
+                ("queues", "queues"))
+    #: Lines of ``shoal status`` shown below the table when they apply.
+    _NOTES = ("held", "periodic", "lock", "store", "WAITING", "queues")
 
     def __init__(self, state: dict) -> None:
         self.state = state
@@ -241,11 +244,18 @@ class ClusterStatus:
                 value = w.get(key)
                 if key == "mean_task_ms" and value is not None:
                     value = f"{value:.3f}"
+                elif key == "queues":
+                    value = ", ".join(value or ["default"]) + "".join(
+                        f" {k}={v:g}" for k, v in sorted((w.get("resources") or {}).items()))
                 cells.append(f"<td>{escape(str('-' if value is None else value))}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
         header = "".join(f"<th>{label}</th>" for label, _ in self._COLUMNS)
+        from ..cli import format_status
+        notes = [line for line in format_status(s).splitlines()
+                 if line.split(" ", 1)[0] in self._NOTES]
+        extra = f"<pre>{escape(chr(10).join(notes))}</pre>" if notes else ""
         return (f"<div>{head}</div><table><thead><tr>{header}</tr></thead>"
-                f"<tbody>{''.join(rows)}</tbody></table>")
+                f"<tbody>{''.join(rows)}</tbody></table>{extra}")
 
 
 def ensure_client(ip: Any) -> Any:
