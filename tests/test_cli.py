@@ -220,3 +220,25 @@ def test_help_lists_every_command():
     assert result.returncode == 0
     for command in ("broker", "worker", "cluster", "status", "demo"):
         assert command in result.stdout
+
+
+def test_status_shows_queues_held_tasks_schedules_locks_and_tasks_no_worker_can_take():
+    from shoal.cli import format_status
+    from shoal.magics.cluster_magic import ClusterStatus
+    state = {"address": "tcp://127.0.0.1:1", "uptime": 5.0, "workers": 1, "slots": 1,
+             "counts": {}, "scheduled": 2, "waiting": 1, "rate_limited": {"f": 3},
+             "queues": {"default": {"queued": 1, "running": 0}, "gpu": {"queued": 4, "running": 1}},
+             "worker_list": [{"name": "g1", "queues": ["gpu"], "resources": {"gpu": 1}}],
+             "locks": [{"name": "nightly", "holder": "client ab", "waiting": 1}],
+             "schedule_list": [{"name": "daily", "cron": "0 9 * * *", "tz": "UTC",
+                                "next_run": 1800000000, "runs": 3, "last_status": "done"}],
+             "unrunnable": [{"needs": "queue 'tpu'", "count": 2,
+                             "start": "shoal worker ADDRESS --queues tpu"}]}
+    text = format_status(state)
+    assert "2 scheduled   1 waiting for other tasks   3 rate-limited" in text
+    assert "'daily' (0 9 * * *, UTC): next run 2027-01-15" in text and "3 run(s)" in text
+    assert "lock      'nightly' held by client ab, 1 waiting" in text
+    assert "2 task(s) need queue 'tpu'" in text and "--queues tpu" in text
+    assert "gpu: 4 queued, 1 running" in text and "gpu gpu=1" in text
+    html = ClusterStatus(state)._repr_html_()
+    assert "gpu=1" in html and "nightly" in html and "daily" in html
