@@ -6,13 +6,19 @@ worker's credits (free slots plus a prefetch allowance earned by short tasks),
 and a store of objects (function payloads and scattered data) by digest, so
 each object travels to each worker once.
 
+This module holds the socket, the main loop and the message dispatch; the
+broker's other jobs are mixins in their own modules: submissions
+(:mod:`~shoal.admission`), workers (:mod:`~shoal.workerside`,
+:mod:`~shoal.liveness`), results and dependencies (:mod:`~shoal.flow`),
+restarts (:mod:`~shoal.recovery`), requests (:mod:`~shoal.requests`), locks,
+schedules and events.
+
 Run it with ``shoal broker`` or ``python -m shoal.broker``.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import sys
 import time
@@ -22,26 +28,25 @@ from typing import Optional
 import zmq
 
 from . import protocol
-from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch, identity_field
+from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
+from .admission import Admission
 from .durable import MemoryOnly
 from .flow import Flow
 from .liveness import Liveness
-from .locks import LockRequests, LockTable, Owner
+from .locks import LockRequests, LockTable
 from .monitor import Events
 from .periodic import ScheduleRequests, Schedules
+from .recovery import Recovery
 from .requests import Requests
-from .records import (DEFAULT_QUEUE, ORPHANED, PARKED, QUEUED, RUNNING,
-                      CancelRequest, ClientRecord, StoredObject, Unit, WorkerRecord, task_id,
-                      task_key)
-from .routing import (TaskQueue, describe_route, parse_resources, runnable_somewhere, unit_route,
-                      worker_command)
+from .records import QUEUED, CancelRequest, ClientRecord, StoredObject, Unit, WorkerRecord
+from .routing import TaskQueue
 from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets, create_peer,
                        new_key, read_connection_file, runtime_dir, write_connection_file)
 from .serialize import host_id
-from .options import due_at
-from .scheduling import RateLimits, Timers, check_rate
+from .scheduling import RateLimits, Timers
 from .store import ResultStore, TaskResults
 from .transport import MessageTooLarge, recv_frames, release_memory, send_frames
+from .workerside import WorkerSide
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +56,14 @@ MAX_MESSAGE_BYTES = 4 << 30
 #: Log at most this many dropped-message lines per second; the rest are counted.
 DROP_LOG_PER_SECOND = 5
 
-#: A unit whose function or data has not arrived waits this long for it.
-#: (A client sends from one socket per thread, so an object sent by one
-#: thread can arrive after a task another thread submitted that uses it.)
-PARK_SECONDS = 30.0
-
-_COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 #: Requests that act must name this run of the broker (``bs``): replayed from
 #: an earlier run, they are refused.
 _SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
                             Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
-#: Task options that need reading at submit (the broker skips the rest quickly).
-_SPECIAL = frozenset({"q", "pr", "rs", "at", "dl", "rl", "to", "uq"})
 
 
-class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
+class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequests,
+             ScheduleRequests, Events):
     """A shoal broker bound to ``listen`` (``tcp://127.0.0.1:0`` picks a free port).
 
     Also binds an IPC endpoint beside the TCP one so that processes on this
@@ -421,535 +419,6 @@ class Broker(Liveness, Flow, Requests, LockRequests, ScheduleRequests, Events):
         if self.durable.durable:
             summary["store"] = self.durable.store_id  # a client of a restart resumes its tasks
         return summary
-
-    def _store_objects(self, ident: bytes, msg: protocol.Message, pos: int = 0) -> int:
-        for entry in msg.header.get("ob", ()):
-            digest, n = entry[0], entry[1]
-            obj = self.objects.get(digest)
-            if obj is None:
-                obj = self.objects[digest] = StoredObject(
-                    msg.frames[pos:pos + n], protocol.frame_digests(msg.header, pos, pos + n),
-                    name=entry[2] if len(entry) > 2 and isinstance(entry[2], str) else "")
-                if self.durable.durable and not digest.startswith(b"R"):
-                    self.durable.object_added(digest, obj)  # (a task's result is stored as one)
-                for unit in self.parked.pop(digest, ()):
-                    if unit.state == PARKED:
-                        self._enqueue(unit)
-                if digest in self.awaiting_values:  # a dependency's value, asked of its client
-                    self._release_dependents(digest, self.awaiting_values.pop(digest))
-            obj.owners.add(ident)
-            pos += n
-        return pos
-
-    def _enqueue(self, unit: Unit) -> None:
-        """Queue ``unit``, or hold it until what it waits for: its function or
-        data, the futures it takes, its time."""
-        for ref in unit.refs:
-            if ref not in self.objects:
-                unit.state = PARKED
-                self.parked.setdefault(ref, []).append(unit)
-                return
-        if unit.due is not None and unit.due > time.time():
-            self.timers.hold(unit, unit.due)
-            return
-        unit.state = QUEUED
-        self.queue.append(unit)
-
-    def _admit(self, unit: Unit) -> bool:
-        """Whether a unit a worker could take may go now (its rate limit allows)."""
-        limit = unit.meta.get("rl")
-        if limit is None:
-            return True
-        if unit.admitted:  # released from its line with a token
-            unit.admitted = False
-            return True
-        return self.limits.admit(unit, str(unit.meta.get("nm", "")), *limit)
-
-    def _on_submit(self, ident: bytes, msg: protocol.Message) -> None:
-        frames, header = msg.frames, msg.header
-        ident = identity_field(header, "rt", ident)  # results go to the client's receiving socket
-        client = self._client(ident)
-        cid = header.get("cid")
-        if cid is not None:
-            if not isinstance(cid, bytes) or len(cid) != 8:
-                raise ValueError(f"malformed client id {cid!r}")
-            client.cid = cid
-        pos = self._store_objects(ident, msg)
-        now = time.monotonic()
-        durable = self.durable.durable
-        for tid, refs, n, meta in header["u"]:
-            if not isinstance(meta, dict) or not (refs or isinstance(meta.get("fn"), str)):
-                raise ValueError(f"task {tid!r} names no function")
-            if type(tid) is not int or not 0 < tid < 1 << 56:
-                raise ValueError(f"malformed task number {tid!r}")
-            unit = Unit(next(self._ids), ident, tid, refs, frames[pos:pos + n],
-                        protocol.frame_digests(header, pos, pos + n), meta, queued_at=now,
-                        key=task_key(client.cid, tid) if client.cid else b"")
-            pos += n
-            if unit.key and self._known_again(client, unit):
-                continue  # sent again after a restart: it is here already
-            if not _SPECIAL.isdisjoint(meta):
-                refusal = self._check_options(unit)
-                if refusal is not None:
-                    self._send(ident, Kind.RESULTS, {"r": [[tid, "berr", 0, refusal]]})
-                    continue
-            self.tasks[unit.bid] = unit
-            client.tasks[tid] = unit.bid
-            if unit.key:
-                self._index(unit)
-            if durable:
-                self.durable.unit_added(unit)
-                self.acks.setdefault(ident, []).append(tid)
-            if self.watchers:
-                self._event("task-received", unit)
-            if "dp" in meta and self._held_by_dependencies(unit):
-                continue
-            self._enqueue(unit)
-            if self.workers and (unit.queue != DEFAULT_QUEUE or unit.resources or "fn" in meta
-                                 or self._registered_only):
-                if self._refuse_pickled(unit):
-                    continue
-                self._warn_if_unrunnable(client, unit)
-        self.counts["submitted"] += len(header["u"])
-
-    # -- durable state
-    def _restore(self) -> None:
-        """Load what a durable broker stored before it stopped (--store)."""
-        store = self.durable
-        self._restored_at = time.monotonic()
-        for digest, frames, digests in store.objects():
-            obj = self.objects[digest] = StoredObject(frames, digests)
-            obj.owners.add(ORPHANED)  # until no task uses it, or its client is back
-        for key, status, frames, meta, digests, at in store.results(time.time() - self.kept.ttl):
-            if "m" not in meta:
-                self.kept.put(key, status, frames, meta, digests, at)
-        units = []
-        for row in store.units():
-            cid, tid = row["cid"], row["tid"]
-            unit = Unit(row["bid"], b"", tid, row["refs"], row["frames"], row["digests"],
-                        row["meta"], queued_at=time.monotonic(),
-                        key=task_key(cid, tid) if cid else b"", due=row["due"])
-            self._check_options(unit)  # routing and unique keys, as at submit
-            self.tasks[unit.bid] = unit
-            if unit.key:
-                self._index(unit)
-            units.append(unit)
-        if units:  # this run's ids must not meet the stored ones
-            self._ids = itertools.count(max(u.bid for u in units) + (1 << 20))
-        for unit in units:
-            if "dp" in unit.meta and self._held_by_dependencies(unit):
-                continue
-            self._enqueue(unit)
-        for body in store.schedules():
-            self._restore_schedule(body)
-        for name, holder in store.locks():
-            self.locks.restore(name, Owner(holder["tok"], b"", cid=holder["cid"],
-                                           worker=holder["worker"], unit=holder["unit"],
-                                           describe=holder["describe"]))
-        logger.info("store %s: %d queued task(s), %d result(s), %d schedule(s), %d lock(s) "
-                    "restored", store.path, len(units), len(self.kept), len(self.schedules),
-                    len(self.locks))
-
-    def _on_resume(self, ident: bytes, msg: protocol.Message) -> None:
-        """A client of the broker's previous run is back (a durable broker restarted):
-        its tasks in ``t`` are sent to it from now on; finished ones' outcomes at once."""
-        h = msg.header
-        cid, tids = h.get("cid"), h.get("t", [])
-        if not isinstance(cid, bytes) or len(cid) != 8 or not isinstance(tids, list):
-            raise ValueError("malformed resume request")
-        client = self._client(ident)
-        client.cid = cid
-        lost = []
-        for tid in tids:
-            if type(tid) is not int or not 0 < tid < 1 << 56:
-                continue
-            key = task_key(cid, tid)
-            unit = self._unit_of(key)
-            if unit is not None:
-                unit.client = ident
-                client.tasks[tid] = unit.bid
-            elif self._stored_outcome(key) is not None:
-                self._send_kept(ident, tid, key)
-            else:
-                lost.append(tid)
-        logger.info("client %s resumed %d task(s) after the restart (%d unknown)", cid.hex(),
-                    len(tids) - len(lost), len(lost))
-        self._send(ident, Kind.REPLY, {"rq": h.get("rq"), "lost": lost})
-
-    def _check_options(self, unit: Unit) -> Optional[dict]:
-        """Read a unit's task options; the metadata of its refusal if they are bad,
-        or its unique key is taken, or the worker it names does not exist."""
-        meta = unit.meta
-        try:
-            if "q" in meta or "pr" in meta or "rs" in meta:
-                unit.queue, unit.priority, unit.resources = unit_route(meta)
-            if "at" in meta or "dl" in meta:
-                unit.due = due_at(meta)
-            if "rl" in meta:
-                check_rate(meta["rl"])
-        except (TypeError, ValueError) as exc:
-            return {"msg": str(exc)}
-        target = meta.get("to")
-        if target is not None and not any(w.name == target for w in self.workers.values()):
-            names = ", ".join(sorted(w.name for w in self.workers.values())) or "none"
-            return {"msg": f"no worker is named {target!r} (workers now: {names})"}
-        key = meta.get("uq")
-        if key is not None:
-            if not isinstance(key, str):
-                return {"msg": f"malformed unique key {key!r}"}
-            holder = self.unique.get(key)
-            if holder is not None and self.tasks.get(holder.bid) is holder:
-                return {"msg": (f"a task with unique key {key!r} is already {holder.state}: task "
-                                f"{task_id(holder.key) if holder.key else holder.bid}; it is "
-                                "refused until that one has finished"),
-                        "uq": key, "holder": task_id(holder.key) if holder.key else None}
-            self.unique[key] = unit
-        return None
-
-    def _known_again(self, client: ClientRecord, unit: Unit) -> bool:
-        """A task its client sends again (it was not acknowledged when the broker
-        restarted): adopt the stored one, or answer with its result."""
-        existing = self.by_key.get(unit.key)
-        if existing is not None and self.tasks.get(existing.bid) is existing:
-            existing.client, existing.tid = client.ident, unit.tid
-            client.tasks[unit.tid] = existing.bid
-        elif self.durable.durable and self._stored_outcome(unit.key) is not None:
-            self._send_kept(client.ident, unit.tid, unit.key)
-        else:
-            return False
-        if self.durable.durable:
-            self.acks.setdefault(client.ident, []).append(unit.tid)
-        return True
-
-    def _refuse_pickled(self, unit: Unit) -> bool:
-        """Fail a unit of pickled code when every connected worker of its queue refuses
-        such code (they run registered tasks only)."""
-        if "fn" in unit.meta:
-            return False
-        target = unit.meta.get("to")
-        serving = [w for w in self.workers.values()
-                   if (w.name == target if target is not None else unit.queue in w.queues)]
-        if not serving or not all(w.registered_only for w in serving):
-            return False
-        names = sorted({t for w in serving for t in w.task_names})
-        where = f"worker {target}" if target is not None else \
-            f"every connected worker of queue {unit.queue!r}"
-        why = (f"{where} runs registered tasks only "
-               "(shoal worker --registered-only) and refuses pickled code: submit a task by "
-               "name, e.g. "
-               f"client.submit({(names or ['pkg.tasks.resize'])[0]!r}, ...); the workers have "
-               f"{', '.join(names) or 'no tasks'}")
-        self.tasks.pop(unit.bid, None)
-        self.clients[unit.client].tasks.pop(unit.tid, None)
-        unit.state = "failed"
-        self.counts["failed"] += 1
-        self._send(unit.client, Kind.RESULTS, {"r": [[unit.tid, "berr", 0, {"msg": why}]]})
-        self._settled(unit, "berr", [], {"msg": why})
-        return True
-
-    def _warn_if_unrunnable(self, client: ClientRecord, unit: Unit) -> None:
-        """Tell a client, once per kind of need, that no connected worker can take its task."""
-        needs = describe_route(unit)
-        if needs in client.warned or runnable_somewhere(unit, self.workers.values()):
-            return
-        client.warned.add(needs)
-        self._send(client.ident, Kind.NOTICE, {"msg": (
-            f"no connected worker serves {needs}: the task waits until one joins "
-            f"(start one with `{worker_command(unit)}`); `shoal status` lists such tasks")})
-
-    def _expire_parked(self) -> None:
-        now = time.monotonic()
-        for digest, units in list(self.parked.items()):
-            expired = [u for u in units if now - u.queued_at > PARK_SECONDS]
-            if not expired:
-                continue
-            self.parked[digest] = [u for u in units if u not in expired]
-            if not self.parked[digest]:
-                del self.parked[digest]
-            why = (f"the function or scattered data of this task never reached the broker "
-                   f"within {PARK_SECONDS:g} s (was the broker restarted?)")
-            by_client: dict[bytes, list] = {}
-            for unit in expired:
-                if self.tasks.pop(unit.bid, None) is not None:
-                    unit.state = "failed"
-                    by_client.setdefault(unit.client, []).append(unit.tid)
-                    self._settled(unit, "berr", [], {"msg": why})
-            for client, tids in by_client.items():
-                self._send(client, Kind.ERROR, {"msg": why, "t": tids})
-
-    def _on_scatter(self, ident: bytes, msg: protocol.Message) -> None:
-        ident = identity_field(msg.header, "rt", ident)
-        self._client(ident)
-        failed = msg.header.get("failed")
-        if failed is not None:  # the answer to NEED: that dependency did not succeed
-            key, why = failed
-            if isinstance(key, bytes) and isinstance(why, str):
-                self._value_failed(key, why)
-            return
-        self._store_objects(ident, msg)
-
-    def _on_worker_hello(self, ident: bytes, msg: protocol.Message) -> None:
-        h = msg.header
-        sender = ident
-        # A worker re-registering after a broker restart says hello from its
-        # control socket, naming its main socket (``wid``), where tasks go.
-        ident = identity_field(h, "wid", ident)
-        control = identity_field(h, "ctl", None)
-        old = self.workers.get(ident)
-        if old is not None and old.control == control and old.pid == h.get("pid"):
-            # The same process again (heartbeats queued while the broker was down each
-            # asked it to register): it holds what it held; just welcome it.
-            self._send(ident, Kind.WELCOME, {"name": old.name, "session": self.session})
-            return
-        slots = h.get("slots", 1)
-        if not isinstance(slots, int) or not 1 <= slots <= 100_000:
-            raise ValueError(f"worker announced {slots!r} slots")
-        name = str(h.get("name") or f"worker-{h.get('pid')}")
-        taken = {w.name for w in self.workers.values() if w.ident != ident}
-        base, n = name, 1
-        while name in taken:
-            n += 1
-            name = f"{base}-{n}"
-        queues = h.get("qs", [DEFAULT_QUEUE])
-        if (not isinstance(queues, list) or not queues
-                or not all(isinstance(q, str) and q for q in queues)):
-            raise ValueError(f"worker announced queues {queues!r}")
-        resources = parse_resources(h.get("rs") or {})
-        task_names = h.get("tk", [])
-        if not isinstance(task_names, list) or not all(isinstance(t, str) for t in task_names):
-            raise ValueError(f"worker announced tasks {task_names!r}")
-        if not self._send(ident, Kind.WELCOME, {"name": name, "session": self.session}):
-            # Its main socket has not reconnected yet (its control socket spoke for
-            # it): tasks sent there would be lost.  Register it once it can be reached.
-            self.unreachable[ident] = (sender, msg, time.monotonic())
-            return
-        self.unreachable.pop(ident, None)
-        old = self.workers.pop(ident, None)
-        if old is not None:
-            self._requeue(old)  # it restarted its session: what it held never ran
-        self.workers[ident] = WorkerRecord(ident, name, slots, str(h.get("host", "")),
-                                           int(h.get("pid", 0)), last_seen=time.monotonic(),
-                                           control=control, key=self._peer_key,
-                                           queues=frozenset(queues), resources=resources,
-                                           task_names=frozenset(task_names),
-                                           registered_only=bool(h.get("ro")))
-        self._workers_changed()
-        if self.watchers:
-            self._event("worker-joined", worker=name, slots=slots, queues=queues)
-        logger.info("worker %s joined with %d slot(s)%s%s%s", name, slots,
-                    "" if queues == [DEFAULT_QUEUE] else f", queues {','.join(queues)}",
-                    f", resources {_format_resources(resources)}" if resources else "",
-                    f", {len(task_names)} named task(s)" + (
-                        ", registered tasks only" if h.get("ro") else "") if task_names else "")
-
-    def _retry_unreachable(self) -> None:
-        """Register workers whose main socket could not be reached at their hello."""
-        now = time.monotonic()
-        for ident, (sender, msg, since) in list(self.unreachable.items()):
-            if now - since > self.worker_timeout:
-                del self.unreachable[ident]
-                logger.warning("worker %s said hello but its task socket never became reachable",
-                               msg.header.get("name"))
-            else:
-                self._on_worker_hello(sender, msg)
-
-    def _workers_changed(self) -> None:
-        """A worker joined or left: what every client was told about unrunnable tasks may
-        no longer hold."""
-        self._registered_only = any(w.registered_only for w in self.workers.values())
-        for client in self.clients.values():
-            client.warned.clear()
-
-    def _on_worker_bye(self, ident: bytes, msg: protocol.Message) -> None:
-        worker = self.workers.pop(ident, None)
-        if worker is not None:
-            self._workers_changed()
-            if self.watchers:
-                self._event("worker-left", worker=worker.name)
-            logger.info("worker %s left", worker.name)
-            self._fail_addressed_to(worker)
-            self._requeue(worker)
-
-    def _worker_of(self, ident: bytes, header: dict) -> Optional[WorkerRecord]:
-        """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
-        worker = self.workers.get(identity_field(header, "wid", ident))
-        if worker is not None and ident not in (worker.ident, worker.control):
-            return None  # a control message must come from that worker's control socket
-        return worker
-
-    def _on_heartbeat(self, ident: bytes, msg: protocol.Message) -> None:
-        header = msg.header
-        if "wid" not in header:  # a client's: answer, so it knows this broker is alive
-            self._client(ident)
-            self._send(ident, Kind.HEARTBEAT, {"session": self.session,
-                                               "store": self.durable.store_id,
-                                               "workers": len(self.workers)})
-            return
-        worker = self._worker_of(ident, header)
-        if worker is not None:
-            self._note_heartbeat(worker, header)
-        elif identity_field(header, "wid", None) not in self.workers:
-            # A worker this broker does not know (it restarted): ask it to register.
-            self._send(ident, Kind.WELCOME, {"rehello": True})
-
-    def _on_output(self, ident: bytes, msg: protocol.Message) -> None:
-        """What a running task printed: pass it on to the task's client."""
-        worker = self._worker_of(ident, msg.header)
-        unit = worker.running.get(msg.header["b"]) if worker is not None else None
-        if unit is None:
-            return  # finished meanwhile: its result carries all of its output
-        worker.last_seen = time.monotonic()
-        fields = {"t": unit.tid}
-        for stream in ("o", "e"):
-            if stream in msg.header:
-                fields[stream] = msg.header[stream]
-        self._send(unit.client, Kind.OUTPUT, fields)
-
-    def _on_results(self, ident: bytes, msg: protocol.Message) -> None:
-        # Results are matched by task, whoever sends them: a worker declared
-        # lost that was only slow may still deliver first.  The first result
-        # wins; any later one for the same task is a counted duplicate.
-        worker = self.workers.get(ident)
-        if worker is not None:
-            worker.last_seen = time.monotonic()
-        header, frames = msg.header, msg.frames
-        outgoing: dict[bytes, tuple[list, list, dict]] = {}
-        settled = []
-        pos = 0
-        for bid, status, n, meta in header["r"]:
-            start, pos = pos, pos + n
-            if status == "retry":
-                self._retry_later(bid, meta, worker)
-                continue
-            unit = self.tasks.pop(bid, None)
-            if unit is None:
-                self.counts["duplicates"] += 1
-                continue
-            holder = self.workers.get(unit.worker) if unit.worker else None
-            if holder is not None:
-                holder.finish(bid)
-            client = self.clients.get(unit.client)
-            if client is not None:
-                client.tasks.pop(unit.tid, None)
-            unit.state = "done"
-            if worker is not None:
-                worker.done += 1
-                t = meta.get("t")
-                if t is not None:
-                    worker.observe(t)  # per unit: prefetch counts units, batches included
-            self.counts[_COUNTED.get(status, "failed")] += 1
-            meta["w"] = worker.name if worker is not None else "a worker no longer registered"
-            unit_frames = frames[start:start + n]
-            unit_digests = protocol.frame_digests(header, start, start + n)
-            self._keep_result(unit, status, unit_frames, meta, unit_digests)
-            settled.append((unit, status, unit_frames, meta, unit_digests))
-            entries, out_frames, digests = outgoing.setdefault(unit.client, ([], [], {}))
-            base = len(out_frames)
-            for i, d in unit_digests.items():
-                digests[base + i] = d
-            out_frames.extend(unit_frames)
-            entries.append([unit.tid, status, n, meta])
-        for client, (entries, out_frames, digests) in outgoing.items():
-            if client:  # (none for a periodic run, or a restored task not yet resumed)
-                self._send(client, Kind.RESULTS, {"r": entries}, out_frames, digests)
-        # After the results themselves: a dependent's failure then reaches a
-        # client that already has the exception it names.
-        for outcome in settled:
-            self._settled(*outcome)
-
-    def _retry_later(self, bid: int, meta: dict, worker: Optional[WorkerRecord]) -> None:
-        """A worker asks to run unit ``bid`` again after ``meta["dl"]`` seconds
-        (a retry with back-off): the broker holds it meanwhile, the slot serves others."""
-        unit = self.tasks.get(bid)
-        if unit is None or unit.state != RUNNING or worker is None or unit.worker != worker.ident:
-            self.counts["duplicates"] += 1  # it was lost and requeued meanwhile
-            return
-        worker.finish(bid)
-        worker.done += 1
-        delay = meta.get("dl", 0.0)
-        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-            delay = 0.0
-        attempt = meta.get("att")
-        unit.meta["att"] = attempt if type(attempt) is int else unit.meta.get("att", 0) + 1
-        unit.worker = None
-        unit.due = time.time() + delay
-        self.durable.unit_updated(unit)
-        if self.watchers:
-            self._event("task-retried", unit, worker=worker.name, delay=delay,
-                        attempt=unit.meta["att"])
-        self.counts["retried"] = self.counts.get("retried", 0) + 1
-        logger.debug("task %d retries in %.3f s (attempt %d)", bid, delay, unit.meta["att"] + 1)
-        self._enqueue(unit)
-
-    def _dispatch(self) -> None:
-        """Hand queued units to workers by credit, FIFO, spreading a short queue evenly."""
-        now = time.monotonic()
-        free = [w for w in self.workers.values() if w.capacity > 0 and w.blocked_until <= now]
-        while self.queue and free:
-            # Idle slots first, so a new task never waits behind another's prefetch.
-            free.sort(key=lambda w: len(w.running) - w.slots)
-            share = max(1, math.ceil(len(self.queue) / len(free)))
-            progressed = False
-            for worker in list(free):
-                units = self.queue.take(worker, min(worker.capacity, share), self._admit)
-                if units:
-                    progressed = True
-                    if not self._send_units(worker, units):
-                        units = None  # unreachable for now
-                if worker.capacity <= 0 or not units:
-                    free.remove(worker)
-                if not self.queue:
-                    break
-            if not progressed:
-                break
-
-    def _send_units(self, worker: WorkerRecord, units: list) -> bool:
-        """Send ``units`` to ``worker``; False (and the units back in the queue) if its
-        task socket cannot be reached."""
-        frames: list = []
-        digests: dict = {}
-        objects = []
-        for unit in units:
-            for ref in unit.refs:
-                if ref not in worker.objects:
-                    obj = self.objects[ref]
-                    for i, d in obj.digests.items():
-                        digests[len(frames) + i] = d
-                    frames.extend(obj.frames)
-                    objects.append([ref, len(obj.frames)])
-                    worker.objects.add(ref)
-        entries = []
-        for unit in units:
-            for i, d in unit.digests.items():
-                digests[len(frames) + i] = d
-            frames.extend(unit.frames)
-            entries.append([unit.bid, unit.refs, len(unit.frames), unit.meta])
-            unit.state, unit.worker = RUNNING, worker.ident
-            if unit.bid not in worker.running:  # (units with resources are claimed when taken)
-                worker.start(unit)
-            if self.watchers:
-                self._event("task-started", unit, worker=worker.name)
-        fields = {"u": entries}
-        if objects:
-            fields["ob"] = objects
-        if self._send(worker.ident, Kind.TASKS, fields, frames, digests):
-            return True
-        # Its task socket is not connected: it died (liveness will say so, and
-        # charge what it was running) or it is reconnecting.  These units never
-        # left: put them back, and try the worker again in a moment.
-        for unit in reversed(units):
-            worker.finish(unit.bid)
-            unit.state, unit.worker = QUEUED, None
-            self.queue.appendleft(unit)
-        worker.objects.difference_update(ref for ref, _ in objects)
-        worker.blocked_until = time.monotonic() + 0.5
-        logger.info("worker %s cannot be reached now; %d task(s) stay queued", worker.name,
-                    len(units))
-        return False
-
-
-def _format_resources(resources: dict) -> str:
-    return ",".join(f"{name}={amount:g}" for name, amount in sorted(resources.items()))
 
 
 def _bind(sock: zmq.Socket, listen: str) -> str:
