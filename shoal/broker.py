@@ -28,7 +28,7 @@ from typing import Optional
 import zmq
 
 from . import protocol
-from .protocol import Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
+from .protocol import SESSION_BOUND, Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
 from .admission import Admission
 from .durable import MemoryOnly
 from .flow import Flow
@@ -55,12 +55,6 @@ MAX_FRAMES = 100_000
 MAX_MESSAGE_BYTES = 4 << 30
 #: Log at most this many dropped-message lines per second; the rest are counted.
 DROP_LOG_PER_SECOND = 5
-
-#: Requests that act must name this run of the broker (``bs``): replayed from
-#: an earlier run, they are refused.
-_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
-                            Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
-
 
 class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequests,
              ScheduleRequests, Events):
@@ -369,7 +363,7 @@ class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequ
             self._drop(ident, str(exc))
             return
         try:
-            if msg.kind in _SESSION_BOUND and msg.header.get("bs") != self.session:
+            if msg.kind in SESSION_BOUND and msg.header.get("bs") != self.session:
                 self._refuse_stale(ident, msg)
                 return
             self._handlers[msg.kind](ident, msg)

@@ -1,8 +1,9 @@
 """The client: submit, map, gather, scatter, cancel.
 
-One background IO thread owns the ZeroMQ socket.  User threads hand it work
-through a deque and a wake-up pipe; it sends, receives and resolves futures.
-Results are decoded lazily in the thread that asks for them.
+One background IO thread owns the ZeroMQ socket (:mod:`shoal.clientio`).
+User threads hand it work through a deque and a wake-up pipe; it sends,
+receives and resolves futures (:mod:`shoal.outcomes`).  Results are decoded
+lazily in the thread that asks for them.
 """
 from __future__ import annotations
 
@@ -17,41 +18,31 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Iterable, Optional
 
 import zmq
-from zmq.backend import zmq_poll
 
 from . import protocol, serialize
+from .clientio import BROKER_TIMEOUT, HEARTBEAT_SECONDS, ClientIO  # noqa: F401 (documented here)
 from .deps import AlreadyFailed, already_failed
-from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, DependencyFailed,
-                     NoWorkersError, RemoteError, TaskNotUnique, TransferError, WorkerLost)
+from .errors import BrokerUnreachable, ClientClosed, NoWorkersError
 from .executor import Executor
-from .futures import Encoded, Future, attach_traceback, cancel_and_notify
-from .mapping import MapResult, _Batch
+from .futures import Future
+from .mapping import MapResult
 from .options import task_options
-from .protocol import FrameAltered, Kind, ProtocolError
-from .records import parse_task_id, task_key
+from .outcomes import cf_cancel
+from .protocol import Kind
+from .records import task_key
 from .refs import Ref, collect_refs, collected_deps
-from .security import CURVE_ADVICE, HandshakeWatch, apply_curve, resolve_connection, runtime_dir
+from .security import CURVE_ADVICE, resolve_connection, runtime_dir
 from .tasks import encode_function
 from .taskqueue import TaskQueueAPI
-from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
-_SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
-                            Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-
 #: A task whose payload exceeds this logs a warning suggesting ``client.scatter``.
 LARGE_PAYLOAD = 1 << 20
-#: A client heartbeats this often; it declares the broker lost when it has
-#: tasks in flight and heard nothing for ``broker_timeout`` (default 10 s).
-HEARTBEAT_SECONDS = 1.0
-BROKER_TIMEOUT = 10.0
 
 
 # ----------------------------------------------------------------- client
-class Client(TaskQueueAPI):
+class Client(ClientIO, TaskQueueAPI):
     """A connection to a shoal broker.
 
     >>> client = shoal.Client("tcp://10.0.0.5:5555", key_file="cluster.json")
@@ -438,77 +429,6 @@ class Client(TaskQueueAPI):
                 "once with ref = client.scatter(obj) and pass ref instead",
                 serialize.fn_name(fn), size / 2**20)
 
-    def _post(self, command: tuple) -> None:
-        self._commands.append(command)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._io_parked and not self._leader_wanted:
-            return  # no one polls the pipe: the parked IO thread rechecks within 5 ms
-        if not self._woken:
-            # Write, then raise the flag; _flush drains the pipe, then lowers it.  So
-            # no byte stays behind with the flag down (a leader would see the pipe
-            # readable for ever and spin without heartbeating), and the flag never
-            # stays up with the pipe empty (later commands would wait for a timeout).
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-            self._woken = True
-
-    def _park_io(self) -> None:
-        """Keep the IO thread off the socket while threads lead.
-
-        It rechecks every 5 ms rather than being woken when a leader ends or
-        a task is queued, so back-to-back round trips from one thread cost no
-        IO-thread wake-up; work queued between leaders waits at most that long.
-        """
-        with self._park:
-            self._io_parked = True
-            while self._leader_wanted and not self._closed:
-                self._park.wait(0.005)
-            self._io_parked = False
-
-    def _lead(self, future: Future, timeout: Optional[float]) -> None:
-        """Receive on this thread until ``future`` is done or ``timeout`` passes.
-
-        Does nothing (the caller then waits as usual) when another thread is
-        already receiving, or when called from the IO thread itself.
-        """
-        if self._closed or self._broken or threading.current_thread() is self._thread:
-            return
-        if not self._lead_lock.acquire(blocking=False):
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            with self._park:
-                self._leader_wanted = True
-                parked = self._io_parked
-            if not parked:
-                self._wake()  # the IO thread leaves its poll and parks
-            if not self._sock_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-                return
-            try:
-                sock = self._sock
-                items = [(sock, _POLLIN), (self._wake_r, _POLLIN)]
-                if not self._flush(sock, leader=True):
-                    return
-                while not future.done() and not self._closed:
-                    wait = 100 if deadline is None else min(100, int((deadline - time.monotonic()) * 1000))
-                    if wait < 0:
-                        return
-                    if zmq_poll(items, wait):
-                        self._receive(sock)
-                        if self._woken and not self._flush(sock, leader=True):
-                            return
-                    else:
-                        self._housekeeping(sock)  # the parked IO thread cannot
-            finally:
-                self._sock_lock.release()
-        finally:
-            self._leader_wanted = False
-            self._lead_lock.release()
-
     def _report_lost(self, name: str, why: str) -> None:
         """Tell the broker a worker process ended (a local cluster saw it exit)."""
         if not self._closed:
@@ -539,342 +459,10 @@ class Client(TaskQueueAPI):
             target.set_exception(exc)
 
     # ------------------------------------------------------------ IO thread
-    def _io_loop(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        watch = None
-        try:
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            apply_curve(sock, self.info)
-            self._watch = watch = HandshakeWatch(sock, self.info, "client")
-            sock.connect(self.info.local_address())
-            self._sock = sock
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
-            poller.register(watch.monitor, zmq.POLLIN)
-            lock = self._sock_lock
-            while not self._broken:
-                with lock:
-                    # Commands queued while this thread was parked wrote no
-                    # wake-up byte: don't wait on the poll before sending them.
-                    for s, _ in poller.poll(0 if self._commands else 250):
-                        if s is sock:
-                            self._receive(sock)
-                        elif s is watch.monitor:
-                            why = watch.check()
-                            if why is not None:
-                                self._give_up(why)
-                    if not self._flush(sock):
-                        break
-                    self._housekeeping(sock)
-                if self._leader_wanted:
-                    self._park_io()
-        except Exception as exc:  # the IO thread must never die silently
-            logger.exception("shoal client IO thread failed")
-            self._broken = self._broken or f"the client's IO thread failed ({exc!r}); see the log"
-            for tid in list(self._pending):
-                self._fail(tid, ClientClosed("the client's IO thread failed; see the log"))
-            self._welcome.set()  # Client() stops waiting, and raises saying why
-        finally:
-            if watch is not None:
-                watch.close()
-            sock.close(linger=500)
-
-    def _send(self, sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
-        if kind in _SESSION_BOUND:
-            fields = dict(fields or (), bs=self._session)
-        try:
-            send_frames(sock, protocol.encode(self._key, kind, fields, frames, session=self._out),
-                        block=False)
-        except zmq.Again:
-            # SNDHWM is 0: refused only once libzmq gave the connection up for good
-            # (a refused or failed handshake), when a blocking send would never return.
-            self._give_up(self._watch.check() or (
-                f"the connection to the broker at {self.address} was closed for good (its "
-                "handshake failed); check that this client has the broker's connection file"))
-
-    def _give_up(self, why: str) -> None:
-        """The broker cannot be reached, for good: fail everything waiting with
-        BrokerUnreachable(why); from now on the client can only be closed."""
-        if self._broken is None:
-            self._broken = why
-            logger.error("%s", why)
-        error = BrokerUnreachable(why)
-        for tid in list(self._pending):
-            self._fail(tid, error)
-        waiters = list(self._replies.values()) + list(self._status_waiters)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._welcome.set()  # Client() stops waiting, and raises
-
-    def _flush(self, sock, leader: bool = False) -> bool:
-        """Send everything queued, submits coalesced; False once the client closes.
-
-        A leader leaves ``close`` to the IO thread and stops leading.
-        """
-        if self._woken:
-            # Drain, then lower the flag (see _wake).
-            try:
-                os.read(self._wake_r, 4096)
-            except (BlockingIOError, OSError):
-                pass
-            self._woken = False
-        commands = self._commands
-        entries: list = []
-        objects: list = []
-        frames: list = []
-        unit_frames: list = []
-        while commands:
-            cmd = commands.popleft()
-            kind = cmd[0]
-            if kind == Kind.SUBMIT:
-                _, tid, fn_digest, fn_payload, refs, parts, meta = cmd
-                if self._store is not None:
-                    self._unacked[tid] = cmd  # sent again if the broker restarts before storing it
-                if fn_digest is None:  # a task sent by name
-                    entries.append([tid, refs, len(parts), meta])
-                else:
-                    if fn_digest not in self._sent_objects:
-                        self._sent_objects.add(fn_digest)
-                        objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
-                        frames.append(fn_payload)
-                    entries.append([tid, [fn_digest, *refs], len(parts), meta])
-                unit_frames.extend(parts)
-                if len(entries) >= 4096:
-                    self._send_submit(sock, entries, objects, frames + unit_frames)
-                    entries, objects, frames, unit_frames = [], [], [], []
-                continue
-            if entries:  # keep order: queued tasks leave before what follows them
-                self._send_submit(sock, entries, objects, frames + unit_frames)
-                entries, objects, frames, unit_frames = [], [], [], []
-            if kind == Kind.SCATTER:
-                _, digest, parts = cmd
-                if digest not in self._sent_objects:
-                    self._sent_objects.add(digest)
-                    self._send(sock, Kind.SCATTER, {"ob": [[digest, len(parts)]]}, parts)
-            elif kind == Kind.CANCEL:
-                self._send(sock, Kind.CANCEL, {"t": cmd[1], "rq": cmd[4], "r": cmd[3]})
-            elif kind == Kind.ATTACH:
-                self._send(sock, Kind.ATTACH, {"key": cmd[1], "drop": cmd[2], "rq": cmd[3]})
-            elif kind == Kind.WORKER_LOST:
-                self._send(sock, Kind.WORKER_LOST, {"name": cmd[1], "why": cmd[2]})
-            elif kind == "ask":
-                _, ask_kind, fields, parts, rq = cmd
-                if ask_kind in _SESSION_BOUND and rq is not None:
-                    self._asked[rq] = cmd  # sent again if it reaches a restarted broker
-                self._send(sock, ask_kind, dict(fields, rq=rq), parts)
-            elif kind == "dep-failed":
-                self._send(sock, Kind.SCATTER, {"failed": [cmd[1], cmd[2]]})
-            elif kind == "watch":
-                self._send(sock, Kind.WATCH, cmd[1])
-            elif kind == Kind.CLIENT_HELLO:
-                self._send(sock, kind, {"cid": self.cid})
-            elif kind == "close":
-                if leader:
-                    commands.appendleft(cmd)
-                    return False
-                self._send(sock, Kind.CLIENT_BYE)
-                return False
-            else:
-                self._send(sock, kind)  # STATUS or CLIENT_HELLO
-        if entries:
-            self._send_submit(sock, entries, objects, frames + unit_frames)
-        return True
-
-    def _send_submit(self, sock, entries: list, objects: list, frames: list) -> None:
-        fields = {"u": entries, "cid": self.cid}
-        if objects:
-            fields["ob"] = objects
-        self._send(sock, Kind.SUBMIT, fields, frames)
-
-    def _receive(self, sock) -> None:
-        # Ask the socket whether more is waiting instead of reading until
-        # zmq.Again: raising that costs more than the check.
-        while sock.get(_EVENTS) & _POLLIN:
-            frames = recv_frames(sock)
-            self._last_heard = time.monotonic()
-            try:
-                msg = protocol.decode(self._key, frames, guard=self._guard)
-            except FrameAltered as exc:
-                logger.error("a message from the broker was altered in transit: %s", exc)
-                if exc.message.kind == Kind.RESULTS:
-                    self._on_altered_results(exc.message)
-                continue
-            except ProtocolError as exc:
-                logger.warning("dropped a message from the broker: %s", exc)
-                continue
-            kind = msg.kind
-            if kind == Kind.RESULTS:
-                self._on_results(msg)
-            elif kind == Kind.OUTPUT:
-                target = self._pending.get(msg.header.get("t"))
-                if target is not None:
-                    target._live_output(msg.header.get("o", ""), msg.header.get("e", ""))
-            elif kind == Kind.CANCELLED:
-                waiter = self._replies.get(msg.header.get("rq"))
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(msg.header["t"])
-            elif kind == Kind.ATTACHED or kind == Kind.REPLY:
-                if self._asked:
-                    self._asked.pop(msg.header.get("rq"), None)
-                waiter = self._replies.get(msg.header.get("rq"))
-                if waiter is not None and not waiter.done():
-                    waiter.set_result((msg.header, msg.frames))
-            elif kind == Kind.ACK:
-                self._on_ack(msg.header.get("t"))
-            elif kind == Kind.EVENTS:
-                if self._events is not None:
-                    self._events.deliver(msg.header.get("e", []))
-            elif kind == Kind.HEARTBEAT:
-                self._check_session(msg.header.get("session"), msg.header.get("store"))
-                if "workers" in msg.header:
-                    self.workers = msg.header["workers"]  # notice the last worker leaving
-            elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
-                self._check_session(msg.header.get("session"), msg.header.get("store"))
-                self._learn(msg.header)
-                if kind == Kind.WELCOME:
-                    self._welcome.set()
-                elif self._status_waiters:
-                    waiter = self._status_waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_result(msg.header)
-            elif kind == Kind.NOTICE:
-                logger.warning("broker: %s", msg.header.get("msg", ""))
-            elif kind == Kind.NEED:
-                self._send_dependency(msg.header.get("key"))
-            elif kind == Kind.ERROR and msg.header.get("stale"):
-                # Our request named an earlier run of the broker: it restarted.
-                self._check_session(msg.header.get("session"), msg.header.get("store"))
-                error = BrokerLost(f"the broker at {self.address} restarted; resubmit")
-                for tid in msg.header.get("t") or ():
-                    again = self._unacked.get(tid) if self._store else None
-                    if again is not None:
-                        self._post(again)  # a durable broker takes it again
-                    else:
-                        self._fail(tid, error)
-                asked = self._asked.pop(msg.header.get("rq"), None)
-                if asked is not None:
-                    self._post(asked)  # a request it sent before it saw the restart
-            elif kind == Kind.ERROR:
-                text = msg.header.get("msg", "unknown error")
-                tids = msg.header.get("t")
-                if not tids:  # otherwise the failed futures carry the message
-                    logger.error("broker: %s", text)
-                for tid in tids or ():
-                    self._asked.pop(tid, None)
-                    self._unacked.pop(tid, None)
-                    self._fail(tid, BrokerError(text))
-
-    def _learn(self, header: dict) -> None:
-        self.workers = header.get("workers", 0)
-        self.slots = header.get("slots", 0)
-        self.hosts = header.get("hosts", [])
-        if self.workers:
-            self._no_workers_since = None
-
-    def _housekeeping(self, sock) -> None:
-        """Heartbeat the broker; fail tasks if it or every worker is gone."""
-        self._check_workers(sock)
-        now = time.monotonic()
-        if now < self._next_beat:
-            return
-        self._next_beat = now + HEARTBEAT_SECONDS
-        self._send(sock, Kind.HEARTBEAT)
-        silent = now - self._last_heard
-        if silent > self.broker_timeout and (self._pending or self._replies or self._events):
-            self._lose_broker(f"the broker at {self.address} has not answered for {silent:.0f} s")
-
-    def _check_session(self, session: Optional[str], store: Optional[str] = None) -> None:
-        if session is None:
-            return
-        store = store or None  # (a broker without --store says "")
-        restarted = self._session is not None and session != self._session
-        durable = restarted and store is not None and store == self._store
-        self._session = session
-        if restarted and durable:
-            self._resume()  # the same store: what it acknowledged is still there
-        elif restarted:
-            self._lose_broker(f"the broker at {self.address} restarted")
-        self._store = store
-
-    def _lose_broker(self, why: str) -> None:
-        """The broker died or restarted: what it held is gone; fail it, never hang."""
-        self._sent_objects.clear()  # a new broker holds none of them
-        lost = len(self._pending)
-        error = BrokerLost(f"{why}; {lost} task(s) in flight were lost. Submit them again once "
-                           "it is back (a keyed map resumes where it stopped).")
-        if lost:
-            logger.error("%s", error)
-        for tid in list(self._pending):
-            self._fail(tid, error)
-        for waiter in list(self._replies.values()):
-            if not waiter.done():
-                waiter.set_exception(error)
-        if self._events is not None:
-            self._events.fail(error)
-            self._events = None
-        self._last_heard = time.monotonic()
-
-    def _check_workers(self, sock) -> None:
-        """Fail pending tasks if no worker has joined within ``worker_timeout``."""
-        if self.workers or not self._pending:
-            self._no_workers_since = None
-            return
-        now = time.monotonic()
-        if self._no_workers_since is None:
-            self._no_workers_since = now
-            self._send(sock, Kind.STATUS)
-            return
-        if now - self._no_workers_since > self.worker_timeout:
-            error = NoWorkersError(
-                f"no worker joined the broker at {self.address} within {self.worker_timeout:g} s. "
-                f"Start one with `shoal worker {self.address}` (or shoal.Cluster), check that it "
-                "was given this broker's address and connection file, and see its log "
-                f"(local clusters log to {runtime_dir()}).")
-            for tid in list(self._pending):
-                self._fail(tid, error)
-            self._no_workers_since = None
-        else:
-            self._send(sock, Kind.STATUS)  # learn when the first worker joins
-
     def _release(self, tid: int) -> None:
         self._pending.pop(tid, None)
         for name in self._segments.pop(tid, ()):
             serialize.segments.unlink(name)
-
-    def _on_results(self, msg: protocol.Message) -> None:
-        frames = msg.frames
-        pos = 0
-        for tid, status, n, meta in msg.header["r"]:
-            part = frames[pos:pos + n]
-            pos += n
-            target = self._pending.pop(tid, None)
-            if self._asked or self._unacked:  # (a fetch by id; a durable broker's task)
-                self._asked.pop(tid, None)
-                self._unacked.pop(tid, None)
-            # Our argument segments: unlinked now, but their mappings are kept
-            # alive by the decoder because a result may be a view of them.
-            held = [serialize.segments.release(name) for name in self._segments.pop(tid, ())]
-            if target is not None:
-                settle(target, status, part, meta, held)
-
-    def _on_altered_results(self, msg: protocol.Message) -> None:
-        """RESULTS whose large frame did not match its signed digest: fail their futures
-        (nothing of them is unpickled) rather than leave them waiting for ever."""
-        entries = msg.header.get("r")
-        for entry in entries if isinstance(entries, list) else ():
-            tid = entry[0] if isinstance(entry, list) and entry else None
-            if not isinstance(tid, int) or tid not in self._pending:
-                continue
-            self._fail(tid, TransferError(
-                f"the result of task {tid} was altered in transit on its way from the "
-                "worker (a frame does not match its signed digest), so it was not unpickled. "
-                "Check the network path; a Curve-secured broker (the default beyond loopback) "
-                "rules this out. Run the task again"))
-            self._release(tid)
 
     # ------------------------------------------------------------ keyed maps
     def results(self, key: str, timeout: float = 30.0) -> MapResult:
@@ -926,85 +514,6 @@ class Client(TaskQueueAPI):
             return reply.result(timeout)
         finally:
             self._replies.pop(request, None)
-
-
-def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable = ()) -> None:
-    """Resolve a task's future from its outcome on the wire."""
-    target.worker = meta.get("w")
-    target.started = meta.get("s")
-    target.duration = meta.get("t")
-    if "o" in meta or "e" in meta:
-        target._final_output(meta.get("o", ""), meta.get("e", ""))
-    if isinstance(target, _Batch):
-        target.failed = meta.get("f", 0)
-        target.map.observe(meta)
-    if target.done():  # cancelled meanwhile
-        return
-    if status == "ok":
-        held = list(held)
-        for name in serialize.segment_names(meta):
-            if name not in serialize.segments.created:
-                # The worker's segment: map it now and unlink its name, so it is
-                # freed with the result even if the result is never read.
-                held.append(serialize.segments.open(name))
-                serialize.segments.unlink(name)
-        target.set_result(Encoded(_decoder(frames, meta, held)))
-    elif status == "cancelled":
-        cf_cancel(target)
-    elif status == "lost":
-        if isinstance(target, _Batch) and target.map.split(target):
-            return  # its items rerun one by one; only one that kills again fails
-        target.set_exception(WorkerLost(target.key, meta.get("lost", [])))
-    elif status == "dep":
-        target.set_exception(_dependency_failed(target, meta))
-    elif status == "berr":
-        text = str(meta.get("msg", "the broker refused the task"))
-        target.set_exception(TaskNotUnique(text, meta["uq"], meta.get("holder")) if "uq" in meta
-                             else BrokerError(text))
-    else:
-        target.set_exception(decode_exception(frames, meta.get("w", "")))
-
-
-def _dependency_failed(target: Future, meta: dict) -> DependencyFailed:
-    """DependencyFailed for ``target``, caused by the dependency's own error when known."""
-    dependency = str(meta.get("dep", "?"))
-    error = DependencyFailed(target.task_id, dependency, str(meta.get("why", "failed")),
-                             meta.get("root"), meta.get("rwhy"))
-    client = target._client
-    if client is not None:
-        try:
-            key = parse_task_id(str(meta.get("root", dependency)))
-        except ValueError:
-            key = None
-        entry = client._dependencies.get(key) if key else None
-        if entry is not None and entry[0].done() and not entry[0].cancelled():
-            cause = entry[0].exception()
-            error.__cause__ = cause.__cause__ if isinstance(cause, DependencyFailed) else cause
-    return error
-
-
-def cf_cancel(future) -> bool:
-    """Mark a future cancelled locally, without asking the broker."""
-    return cancel_and_notify(future)
-
-
-def _decoder(frames: list, meta: dict, held: list) -> Callable[[], Any]:
-    def decode():
-        try:
-            return serialize.loads(frames, meta)
-        finally:
-            held.clear()  # the mappings now live as long as the result does
-    return decode
-
-
-def decode_exception(frames: list, worker: str) -> BaseException:
-    """The exception a worker sent, with its remote traceback as ``__cause__``."""
-    try:
-        exc, tb_text = serialize.loads(frames)
-    except Exception as err:
-        return RemoteError("UndecodableError", f"the task failed on {worker} and its exception "
-                           f"could not be unpickled here: {err}")
-    return attach_traceback(exc, tb_text, worker)
 
 
 # ----------------------------------------------------------------- current client

@@ -190,7 +190,7 @@ class MapResult:
 
     def _attach_parts(self) -> list:
         """The parts of this keyed map the broker kept or still runs, as batches."""
-        from .client import settle
+        from .outcomes import settle
         client = self.client
         adopted: dict = {}
 

@@ -84,6 +84,12 @@ class Kind:
     )
 
 
+#: Requests that act must name this run of the broker (``bs``): replayed from
+#: an earlier run, they are refused.
+SESSION_BOUND = frozenset({Kind.SUBMIT, Kind.SCATTER, Kind.CANCEL, Kind.ATTACH, Kind.WORKER_LOST,
+                           Kind.LOCK, Kind.SCHEDULE, Kind.FETCH})
+
+
 class ProtocolError(Exception):
     """A message that must be dropped: unsigned, forged, truncated or malformed."""
 
