@@ -23,6 +23,10 @@ TARGET_BATCH_SECONDS = 0.05
 #: ... and to carry at most about this many bytes of results (or of inputs), measured
 #: per item, so large values do not make batches of hundreds of megabytes.
 TARGET_BATCH_BYTES = 4 << 20
+#: Near the end of a map batches shrink, so that every slot finishes at about the
+#: same time, but never below about this much work each (nor below an equal share
+#: of the map per slot): a message costs more than balancing so little saves.
+MIN_BATCH_SECONDS = 0.002
 #: What a map's window of batches in flight may carry in all; with many slots each
 #: batch gets a smaller share, so memory stays bounded however large the cluster.
 IN_FLIGHT_BYTES = 64 << 20
@@ -129,13 +133,16 @@ class MapResult:
         slots = max(1, self.client.slots)
         if self._per_item is None:
             return 1  # a probe: measure before sending more
-        size = int(TARGET_BATCH_SECONDS / max(self._per_item, 1e-7))
+        per_item = max(self._per_item, 1e-7)
+        size = int(TARGET_BATCH_SECONDS / per_item)
+        if self.total is not None:
+            balanced = -(-(self.total - self._submitted) // (2 * slots))
+            smallest = min(int(MIN_BATCH_SECONDS / per_item), -(-self.total // slots))
+            size = min(size, max(balanced, smallest))
         per_item_bytes = max(self._result_bytes or 0.0, self._input_bytes or 0.0)
         if per_item_bytes:
             budget = min(TARGET_BATCH_BYTES, IN_FLIGHT_BYTES / self._window())
             size = min(size, int(budget / per_item_bytes))
-        if self.total is not None:
-            size = min(size, -(-(self.total - self._submitted) // (2 * slots)))
         return max(1, min(size, MAX_BATCH))
 
     def _feed(self) -> None:
