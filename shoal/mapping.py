@@ -26,7 +26,7 @@ TARGET_BATCH_BYTES = 4 << 20
 #: Near the end of a map batches shrink, so that every slot finishes at about the
 #: same time, but never below about this much work each (nor below an equal share
 #: of the map per slot): a message costs more than balancing so little saves.
-MIN_BATCH_SECONDS = 0.002
+MIN_BATCH_SECONDS = 0.005
 #: What a map's window of batches in flight may carry in all; with many slots each
 #: batch gets a smaller share, so memory stays bounded however large the cluster.
 IN_FLIGHT_BYTES = 64 << 20
@@ -341,13 +341,16 @@ class MapResult:
 
     def __iter__(self) -> Iterator[Any]:
         try:
-            yield from self._values()
+            for chunk in self._chunks():
+                yield from chunk
         except KeyboardInterrupt:
             # Ctrl-C (a kernel interrupt) while iterating: stop this map's work.
             self.cancel()
             raise
 
-    def _values(self) -> Iterator[Any]:
+    def _chunks(self) -> Iterator[list]:
+        """The values batch by batch, in input order.  A failed item raises when
+        reached: the values before it in its batch come first, as their own chunk."""
         self._check_not_released()
         if self._streaming:
             self._iterating = True
@@ -359,13 +362,12 @@ class MapResult:
                 return
             values, errors = self._batch_values(batch, deadline)
             if errors:
-                for i, value in enumerate(values):
-                    if i in errors:
-                        exc, tb_text = errors[i]
-                        raise attach_traceback(exc, tb_text, batch.worker or "")
-                    yield value
-            else:
-                yield from values
+                first = min(errors)
+                if first:
+                    yield values[:first]
+                exc, tb_text = errors[first]
+                raise attach_traceback(exc, tb_text, batch.worker or "")
+            yield values
             index += 1
             if self._streaming:
                 batch._release()
@@ -386,10 +388,21 @@ class MapResult:
         if timeout is not None:
             saved, self.timeout = self.timeout, timeout
             try:
-                return list(self)
+                return self._collect()
             finally:
                 self.timeout = saved
-        return list(self)
+        return self._collect()
+
+    def _collect(self) -> list:
+        # A batch at a time: a generator step per item would cost more than the map.
+        values: list = []
+        try:
+            for chunk in self._chunks():
+                values.extend(chunk)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        return values
 
     @property
     def futures(self) -> list:

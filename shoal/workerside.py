@@ -6,7 +6,6 @@ What happens when a worker dies or goes silent is :mod:`shoal.liveness`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -220,26 +219,34 @@ class WorkerSide:
         self._enqueue(unit)
 
     def _dispatch(self: "Broker") -> None:
-        """Hand queued units to workers by credit, FIFO, spreading a short queue evenly."""
+        """Hand queued units to workers by credit, FIFO, dealt in turn to the free workers
+        (idle slots first), so a burst of map batches is spread evenly; one message each."""
         now = time.monotonic()
         free = [w for w in self.workers.values() if w.capacity > 0 and w.blocked_until <= now]
+        if not free or not self.queue:
+            return
+        # Idle slots first, so a new task never waits behind another's prefetch.
+        free.sort(key=lambda w: len(w.running) - w.slots)
+        dealt: dict[bytes, list] = {}
         while self.queue and free:
-            # Idle slots first, so a new task never waits behind another's prefetch.
-            free.sort(key=lambda w: len(w.running) - w.slots)
-            share = max(1, math.ceil(len(self.queue) / len(free)))
-            progressed = False
+            # One unit a turn while the queue is short (a map's few large batches);
+            # a long queue goes in chunks, as dealing one by one would gain nothing.
+            chunk = max(1, len(self.queue) // (4 * len(free)))
             for worker in list(free):
-                units = self.queue.take(worker, min(worker.capacity, share), self._admit)
+                units = self.queue.take(worker, min(chunk, worker.capacity), self._admit)
+                for unit in units:
+                    if unit.bid not in worker.running:
+                        # Counted at once: its capacity, and whether a suspect may
+                        # join it, must see what this pass has dealt it already.
+                        worker.start(unit)
                 if units:
-                    progressed = True
-                    if not self._send_units(worker, units):
-                        units = None  # unreachable for now
-                if worker.capacity <= 0 or not units:
+                    dealt.setdefault(worker.ident, []).extend(units)
+                if not units or worker.capacity <= 0 or worker.alone is not None:
                     free.remove(worker)
                 if not self.queue:
                     break
-            if not progressed:
-                break
+        for ident, units in dealt.items():
+            self._send_units(self.workers[ident], units)
 
     def _send_units(self: "Broker", worker: WorkerRecord, units: list) -> bool:
         """Send ``units`` to ``worker``; False (and the units back in the queue) if its
