@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -16,6 +17,10 @@ from .liveness import Liveness
 from .security import default_home, read_connection_file, read_key_file, runtime_dir
 
 logger = logging.getLogger("shoal.broker")
+
+
+#: ``gc.set_threshold`` in the broker process (Python's default is 700, 10, 10).
+BROKER_GC_THRESHOLDS = (5000, 10, 10)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -110,5 +115,11 @@ def main(argv: Optional[list] = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     print(f"SHOAL-BROKER {broker.address} {broker.connection_file}", flush=True)
     logger.info("listening on %s; connection file %s", broker.address, broker.connection_file)
+    # The broker holds many small objects (queued units, their headers) and makes
+    # few reference cycles: the collector's default pace (a pass every 700
+    # allocations, rescanning everything alive) cost it ~15% of its time under a
+    # burst of submits.  What was loaded at start-up is never scanned again.
+    gc.freeze()
+    gc.set_threshold(*BROKER_GC_THRESHOLDS)
     broker.run()
     return 0

@@ -7,11 +7,13 @@ client's IO thread free to move bytes.
 """
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures as cf
 import linecache
 import re
 import time
+from collections import deque
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION  # noqa: F401
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -45,6 +47,93 @@ class Encoded:
         self.decode = decode
 
 
+class _Condition:
+    """The part of :class:`threading.Condition` that futures and the stdlib's
+    ``wait``/``as_completed`` use, made light: a client makes a future per task,
+    and ``threading.Condition`` keeps eight objects alive for the garbage
+    collector to scan again and again (its bound methods, a queue of waiters);
+    this keeps one, and makes the queue only when a thread waits.  Re-entrant,
+    as ``threading.Condition()`` is.
+    """
+
+    __slots__ = ("_lock", "_waiters")
+
+    def __init__(self) -> None:
+        self._lock = _thread.RLock()
+        self._waiters: Optional[deque] = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if not self._lock._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        if self._waiters is None:
+            self._waiters = deque()
+        self._waiters.append(waiter)
+        saved = self._lock._release_save()
+        woken = False
+        try:
+            if timeout is None:
+                woken = waiter.acquire()
+            elif timeout > 0:
+                woken = waiter.acquire(True, timeout)
+            else:
+                woken = waiter.acquire(False)
+            return woken
+        finally:
+            self._lock._acquire_restore(saved)
+            if not woken:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    def notify(self, n: int = 1) -> None:
+        if not self._lock._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
+        waiters = self._waiters
+        while waiters and n > 0:
+            waiter = waiters[0]
+            try:
+                waiter.release()
+            except RuntimeError:  # it timed out meanwhile
+                pass
+            else:
+                n -= 1
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def notify_all(self) -> None:
+        if self._waiters:
+            self.notify(len(self._waiters))
+        elif not self._lock._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
+
+
+#: What ``concurrent.futures.Future.__init__`` sets, on this Python: shoal's
+#: futures set the same themselves (with a light condition), or, should a
+#: later Python set more, call it and swap the condition in.
+_BASE = cf.Future()
+_BASE_STATE = frozenset(vars(_BASE))
+_PENDING = _BASE._state
+_LEAN_INIT = _BASE_STATE == {"_condition", "_state", "_result", "_exception", "_waiters",
+                             "_done_callbacks"}
+
+
 class Future(cf.Future):
     """The eventual result of a task run on a shoal worker.
 
@@ -61,7 +150,16 @@ class Future(cf.Future):
     """
 
     def __init__(self, key: Any = None, client: Any = None) -> None:
-        super().__init__()
+        if _LEAN_INIT:
+            self._condition = _Condition()
+            self._state = _PENDING
+            self._result = None
+            self._exception = None
+            self._waiters: list = []
+            self._done_callbacks: list = []
+        else:
+            super().__init__()
+            self._condition = _Condition()
         self.key = key
         self.worker: Optional[str] = None
         #: wall-clock time the task started on its worker, and the seconds it ran
@@ -70,7 +168,7 @@ class Future(cf.Future):
         self.stdout: str = ""
         self.stderr: str = ""
         self._client = client
-        self._output_callbacks: list = []
+        self._output_callbacks: Any = ()  # a list once one is added
         #: how the broker names the task (see shoal.records.task_key); for a map
         #: item, its batch's key and ``_item`` its place in the batch
         self._task_key: Optional[bytes] = None
@@ -119,6 +217,8 @@ class Future(cf.Future):
         runs, and once more with whatever remained when it finishes.  Output
         printed before the callback was added is replayed to it first.
         """
+        if not self._output_callbacks:
+            self._output_callbacks = []
         self._output_callbacks.append(fn)
         for stream in ("stdout", "stderr"):
             text = getattr(self, stream)

@@ -448,3 +448,38 @@ def test_executor_context_manager_shuts_down_on_exit(client):
     assert fut.done() and fut.result() == 10
     with pytest.raises(RuntimeError):
         ex.submit(add, 1, 1)
+
+
+def test_future_condition_wakes_waiters_times_out_and_is_reentrant():
+    # shoal's futures carry a light condition instead of threading.Condition;
+    # it must behave as that does for the stdlib's waiters and for threads.
+    from shoal.futures import Future, _Condition
+    future = Future("k")
+    assert isinstance(future._condition, _Condition)
+    started = threading.Event()
+    got = []
+
+    def wait_for_it() -> None:
+        started.set()
+        got.append(future.result(timeout=30))
+
+    threads = [threading.Thread(target=wait_for_it) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    future.set_result(42)
+    for t in threads:
+        t.join(30)
+    assert got == [42, 42, 42]
+
+    pending = Future("p")
+    with pending._condition:
+        with pending._condition:  # re-entrant, as threading.Condition() is
+            t0 = time.monotonic()
+            assert pending._condition.wait(0.05) is False
+            assert time.monotonic() - t0 >= 0.04
+        assert not pending._condition._waiters  # a timed-out waiter leaves no trace
+    with pytest.raises(RuntimeError):
+        pending._condition.wait(0)  # not held
+    done, not_done = cf.wait([future, pending], timeout=0.05)
+    assert done == {future} and not_done == {pending}
