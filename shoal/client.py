@@ -237,14 +237,18 @@ class Client(ClientIO, TaskQueueAPI):
         fn_payload, fn_digest, name = encode_function(fn)
         if fn_digest is not None and fn_digest not in self._fn_names:
             self._fn_names[fn_digest] = serialize.task_name(fn)  # for the broker's events
-        try:
-            (frames, meta), refs = collect_refs(
-                lambda: serialize.dumps_call(fn, args, kwargs, shm=shm),
-                client=self if dependencies else None)
-        finally:
-            deps = collected_deps()
-        if deps:
-            meta["dp"] = deps
+        if not kwargs and serialize.plain(args):
+            # Numbers, strings, bytes, None: no ref or future can hide in them.
+            (frames, meta), refs = serialize.dumps(args), []
+        else:
+            try:
+                (frames, meta), refs = collect_refs(
+                    lambda: serialize.dumps_call(fn, args, kwargs, shm=shm),
+                    client=self if dependencies else None)
+            finally:
+                deps = collected_deps()
+            if deps:
+                meta["dp"] = deps
         if kwargs:
             meta["kw"] = 1
         if name is not None:

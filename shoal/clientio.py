@@ -428,7 +428,8 @@ class ClientIO:
                 self._unacked.pop(tid, None)
             # Our argument segments: unlinked now, but their mappings are kept
             # alive by the decoder because a result may be a view of them.
-            held = [serialize.segments.release(name) for name in self._segments.pop(tid, ())]
+            names = self._segments.pop(tid, None) if self._segments else None
+            held = [serialize.segments.release(name) for name in names] if names else ()
             if target is not None:
                 settle(target, status, part, meta, held)
 

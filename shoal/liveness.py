@@ -89,7 +89,7 @@ class Liveness:
             if reason:
                 unit.suspect = True
             if unit in charged:
-                unit.failures.append([worker.name, reason])
+                unit.failures = (unit.failures or []) + [[worker.name, reason]]
                 if len(unit.failures) >= self.allowed_failures:
                     poisoned.append(unit)
                     continue
@@ -118,7 +118,7 @@ class Liveness:
         for unit in list(self.tasks.values()):
             if unit.meta.get("to") == worker.name and unit.state in (QUEUED, PARKED, RUNNING):
                 worker.finish(unit.bid)
-                unit.failures.append([worker.name, why or "it left"])
+                unit.failures = (unit.failures or []) + [[worker.name, why or "it left"]]
                 doomed.append(unit)
         if doomed:
             self._deliver_lost(doomed)

@@ -1,7 +1,7 @@
 """A task's outcome on the wire, turned into its future's result or exception."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from . import serialize
 from .errors import BrokerError, DependencyFailed, RemoteError, TaskNotUnique, WorkerLost
@@ -23,14 +23,15 @@ def settle(target: Future, status: str, frames: list, meta: dict, held: Iterable
     if target.done():  # cancelled meanwhile
         return
     if status == "ok":
-        held = list(held)
-        for name in serialize.segment_names(meta):
-            if name not in serialize.segments.created:
-                # The worker's segment: map it now and unlink its name, so it is
-                # freed with the result even if the result is never read.
-                held.append(serialize.segments.open(name))
-                serialize.segments.unlink(name)
-        target.set_result(Encoded(_decoder(frames, meta, held)))
+        if "sb" in meta:
+            held = list(held)
+            for name in serialize.segment_names(meta):
+                if name not in serialize.segments.created:
+                    # The worker's segment: map it now and unlink its name, so it is
+                    # freed with the result even if the result is never read.
+                    held.append(serialize.segments.open(name))
+                    serialize.segments.unlink(name)
+        target.set_result(Encoded(_WireValue(frames, meta, held)))
     elif status == "cancelled":
         cf_cancel(target)
     elif status == "lost":
@@ -70,13 +71,21 @@ def cf_cancel(future) -> bool:
     return cancel_and_notify(future)
 
 
-def _decoder(frames: list, meta: dict, held: list) -> Callable[[], Any]:
-    def decode():
+class _WireValue:
+    """A result's frames, unpickled when first asked for (the ``decode`` of an
+    :class:`~shoal.futures.Encoded`).  ``held`` keeps shared-memory mappings
+    alive until then; the decoded value keeps them from then on."""
+
+    __slots__ = ("frames", "meta", "held")
+
+    def __init__(self, frames: list, meta: dict, held: Any) -> None:
+        self.frames, self.meta, self.held = frames, meta, held
+
+    def __call__(self) -> Any:
         try:
-            return serialize.loads(frames, meta)
+            return serialize.loads(self.frames, self.meta)
         finally:
-            held.clear()  # the mappings now live as long as the result does
-    return decode
+            self.held = ()
 
 
 def decode_exception(frames: list, worker: str) -> BaseException:

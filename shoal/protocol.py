@@ -344,8 +344,13 @@ def frame_digests(header: dict, start: int, stop: int) -> dict:
     """
     big = header.get("bd")
     if not big:
-        return {}
+        return _NO_DIGESTS
     return {i - start: d for i, d in big.items() if start <= i < stop}
+
+
+#: What :func:`frame_digests` returns for frames with no large ones: shared by
+#: every unit of every small task, so never to be written to.
+_NO_DIGESTS: dict = {}
 
 def identity_field(header: dict, name: str, default):
     """The socket identity that header field ``name`` holds, or ``default`` without one.

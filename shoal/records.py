@@ -34,7 +34,7 @@ class Unit:
     state: str = QUEUED
     worker: Optional[bytes] = None
     queued_at: float = 0.0
-    failures: list = field(default_factory=list)  # [worker name, why] per worker lost running it
+    failures: Optional[list] = None  # [worker name, why] per worker lost running it
     suspect: bool = False  # held by a worker that died with others: runs alone from now on
     queue: str = DEFAULT_QUEUE
     priority: int = 0  # higher runs first; FIFO within a queue and priority

@@ -210,6 +210,12 @@ def _dumps(obj, buffer_callback) -> bytes:
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
+def plain(values: tuple) -> bool:
+    """Whether ``values`` are all numbers, strings, bytes or None (they pickle
+    alike with the stdlib's pickler, and hold no objects of their own)."""
+    return all(type(x) in _SCALARS for x in values)
+
+
 def dumps(obj: Any, shm: bool = False, hold: bool = True) -> tuple[list, dict]:
     """Pickle ``obj``: return ``(frames, meta)`` where ``frames[0]`` is the pickle.
 
@@ -217,7 +223,7 @@ def dumps(obj: Any, shm: bool = False, hold: bool = True) -> tuple[list, dict]:
     With ``hold=False`` this process keeps no mapping of the segments it
     creates (a worker's results: the client maps and unlinks them).
     """
-    if type(obj) in _SCALARS or (type(obj) is tuple and all(type(x) in _SCALARS for x in obj)):
+    if type(obj) in _SCALARS or (type(obj) is tuple and plain(obj)):
         # Plain values pickle the same either way; the stdlib pickler is 5x cheaper.
         return [pickle.dumps(obj, protocol=5)], {}
     buffers: list = []
@@ -275,7 +281,10 @@ def segment_names(meta: dict | None) -> list[str]:
 
 
 def nbytes(frames: Sequence) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
+    total = 0
+    for f in frames:
+        total += len(f) if type(f) is bytes else memoryview(f).nbytes
+    return total
 
 
 def payload_size(frames: Sequence, meta: dict) -> int:
