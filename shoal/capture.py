@@ -50,6 +50,8 @@ class Capture:
 
     def text(self) -> str:
         """Everything written."""
+        if not self._parts:  # the common case: nothing (only the task's own thread writes)
+            return ""
         with self._lock:
             return "".join(self._parts)
 

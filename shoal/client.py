@@ -15,6 +15,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
+from types import FunctionType
 from typing import Any, Callable, Iterable, Optional
 
 import zmq
@@ -234,7 +235,10 @@ class Client(ClientIO, TaskQueueAPI):
         Raises SerializationError naming what does not pickle, and AlreadyFailed
         when it takes a future that failed.
         """
-        fn_payload, fn_digest, name = encode_function(fn)
+        if type(fn) is FunctionType:  # the common case, without encode_function's checks
+            (fn_payload, fn_digest), name = serialize.dumps_function(fn), None
+        else:
+            fn_payload, fn_digest, name = encode_function(fn)
         if fn_digest is not None and fn_digest not in self._fn_names:
             self._fn_names[fn_digest] = serialize.task_name(fn)  # for the broker's events
         if not kwargs and serialize.plain(args):

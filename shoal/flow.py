@@ -164,7 +164,7 @@ class Flow:
         """``unit`` reached its end (any status): keep its result, tell those
         who wait for it.  Its own client is told by the caller."""
         meta = meta if meta is not None else {}
-        digests = digests or {}
+        digests = digests if digests is not None else {}
         key = unit.key
         if self.by_key.get(key) is unit:
             del self.by_key[key]

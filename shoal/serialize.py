@@ -374,8 +374,8 @@ class FunctionCache:
         glob = fn.__globals__
         cells = fn.__closure__
         return (code, fn.__defaults__, fn.__kwdefaults__,
-                tuple(id(c.cell_contents) for c in cells) if cells else (),
-                tuple(id(glob.get(n)) for n in code.co_names))
+                tuple([id(c.cell_contents) for c in cells]) if cells else (),
+                tuple(map(id, map(glob.get, code.co_names))))
 
     def dumps(self, fn: Callable) -> tuple[bytes, bytes]:
         """``(payload, digest)`` of ``fn``."""

@@ -100,16 +100,20 @@ RESULT_TTL = 24 * 3600.0
 RESULT_MAX_BYTES = 128 << 20
 
 
-@dataclass
 class KeptResult:
-    """A finished task's outcome as it travelled: status, frames, metadata."""
+    """A finished task's outcome as it travelled: status, frames, metadata,
+    its size and the ``time.time()`` it finished.  (Slotted: the broker keeps
+    one per finished task.)"""
 
-    status: str
-    frames: list
-    meta: dict
-    digests: dict
-    nbytes: int
-    at: float  # time.time() it finished
+    __slots__ = ("status", "frames", "meta", "digests", "nbytes", "at")
+
+    def __init__(self, status: str, frames: list, meta: dict, digests: dict, nbytes: int,
+                 at: float) -> None:
+        self.status, self.frames, self.meta = status, frames, meta
+        self.digests, self.nbytes, self.at = digests, nbytes, at
+
+    def __repr__(self) -> str:
+        return f"KeptResult({self.status!r}, {len(self.frames)} frames, {self.nbytes} bytes)"
 
 
 class TaskResults:
@@ -134,7 +138,7 @@ class TaskResults:
         A result over an eighth of ``max_bytes`` is not kept in memory (only
         a broker with ``--store`` keeps such results).
         """
-        size = sum(len(f) for f in frames) + 128
+        size = sum(map(len, frames)) + 128
         if size > self.max_bytes // 8:
             return [key] if self.pop(key) is not None else []
         old = self._entries.pop(key, None)

@@ -180,7 +180,10 @@ class WorkerSide:
             unit_digests = protocol.frame_digests(header, start, start + n)
             self._keep_result(unit, status, unit_frames, meta, unit_digests)
             settled.append((unit, status, unit_frames, meta, unit_digests))
-            entries, out_frames, digests = outgoing.setdefault(unit.client, ([], [], {}))
+            parts = outgoing.get(unit.client)
+            if parts is None:
+                parts = outgoing[unit.client] = ([], [], {})
+            entries, out_frames, digests = parts
             base = len(out_frames)
             for i, d in unit_digests.items():
                 digests[base + i] = d

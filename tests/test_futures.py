@@ -77,6 +77,25 @@ def test_shoal_wait_first_exception_returns_the_failure(idle_client, gate):
     slow.result(timeout=30)
 
 
+def test_shoal_wait_for_all_receives_on_this_thread_and_honours_its_timeout(idle_client, gate):
+    futs = [idle_client.submit(add, i, i) for i in range(200)]
+    done, not_done = shoal.wait(futs, timeout=30)
+    assert done == set(futs) and not not_done
+    assert [f.result() for f in futs] == [2 * i for i in range(200)]
+    # A pending one: the timeout is kept, and what finished is reported done.
+    slow = idle_client.submit(wait_for_gate, gate.path)
+    quick = idle_client.submit(add, 1, 1)
+    local = cf.Future()  # not shoal's: left to the stdlib's wait
+    local.set_result(7)
+    t0 = time.monotonic()
+    done, not_done = shoal.wait([slow, quick, local], timeout=0.5)
+    assert 0.4 <= time.monotonic() - t0 < 10
+    assert done == {quick, local} and not_done == {slow}
+    gate.open()
+    done, not_done = shoal.wait([slow, quick, local], timeout=30)
+    assert done == {slow, quick, local} and not not_done
+
+
 def test_shoal_as_completed_yields_in_completion_order(idle_client, gate):
     slow = idle_client.submit(wait_for_gate, gate.path)
     quick = idle_client.submit(add, 1, 1)
