@@ -7,7 +7,9 @@ from typing import Any, Optional
 #: Keep this much work (seconds of measured compute) queued at each worker
 #: beyond its running tasks, so a worker of short tasks never waits on a round trip.
 PREFETCH_SECONDS = 0.004
-MAX_PREFETCH = 64
+#: ... and at most this many units per slot (tiny tasks cost more to handle than to run:
+#: 64 left a 2-worker cluster idle for a round trip every 64 trivial tasks).
+MAX_PREFETCH = 256
 
 QUEUED, RUNNING, PARKED = "queued", "running", "parked"
 #: Waiting for the futures it takes as arguments; for its time (delay, at, a
