@@ -34,3 +34,20 @@ def test_compare_quick_pass_writes_table_and_floor(tmp_path):
     assert results["floor"]["tcp_relay"]["latency_median_us"] > 0
     page = (tmp_path / "results.md").read_text()
     assert "Distance from the floor" in page and "| round trip, median |" in page
+
+
+@pytest.mark.timeout(120)
+def test_cpu_per_task_reports_every_process(tmp_path):
+    out = tmp_path / "cpu.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cpu_per_task.py"), "--quick",
+         "--json", str(out)], capture_output=True, text=True, timeout=100,
+        stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round trip" in done.stdout and "broker" in done.stdout
+    results = json.loads(out.read_text())
+    for workload in ("submit", "round trip"):
+        figures = results[workload]
+        assert figures["tasks_per_s"] > 0
+        assert set(figures["cpu_us_per_task"]) == {"client", "broker", "worker"}
+        assert all(v >= 0 for v in figures["cpu_us_per_task"].values())
