@@ -782,7 +782,12 @@ def test_handshake_watches_never_collide_however_many_sockets_come_and_go():
     already in use", one time in twenty here): a client's IO thread then died before
     saying hello.  Watches are numbered, and stop monitoring before their reader closes."""
     ctx = zmq.Context()  # its own: the churn must not crowd the shared context's sockets
+    # A closed socket leaves the context only once libzmq's reaper thread has run: on a
+    # busy machine it lags behind this loop, and the default limit of 1023 sockets a
+    # context ("Too many open files") would be reached before any descriptor is reused.
+    ctx.set(zmq.MAX_SOCKETS, 16_384)
     info = ConnectionInfo("tcp://127.0.0.1:9", b"k" * 32)
+    sock = None
     try:
         for _ in range(1500):
             sock = ctx.socket(zmq.DEALER)
@@ -791,6 +796,8 @@ def test_handshake_watches_never_collide_however_many_sockets_come_and_go():
             watch.close()
             sock.close(linger=0)
     finally:
+        if sock is not None:
+            sock.close(linger=0)  # (closing twice is harmless) else term() waits for it for ever
         ctx.term()
 
 
