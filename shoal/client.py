@@ -15,13 +15,12 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import TimeoutError as FuturesTimeout
-from types import FunctionType
 from typing import Any, Callable, Iterable, Optional
 
 import zmq
 
 from . import protocol, serialize
-from .clientio import BROKER_TIMEOUT, HEARTBEAT_SECONDS, ClientIO  # noqa: F401 (documented here)
+from .clientio import BROKER_TIMEOUT, ClientIO
 from .deps import AlreadyFailed, already_failed
 from .errors import BrokerUnreachable, ClientClosed, NoWorkersError
 from .executor import Executor
@@ -235,15 +234,12 @@ class Client(ClientIO, TaskQueueAPI):
         Raises SerializationError naming what does not pickle, and AlreadyFailed
         when it takes a future that failed.
         """
-        if type(fn) is FunctionType:  # the common case, without encode_function's checks
-            (fn_payload, fn_digest), name = serialize.dumps_function(fn), None
-        else:
-            fn_payload, fn_digest, name = encode_function(fn)
+        fn_payload, fn_digest, name = encode_function(fn)
         if fn_digest is not None and fn_digest not in self._fn_names:
             self._fn_names[fn_digest] = serialize.task_name(fn)  # for the broker's events
         if not kwargs and serialize.plain(args):
             # Numbers, strings, bytes, None: no ref or future can hide in them.
-            (frames, meta), refs = serialize.dumps(args), []
+            (frames, meta), refs = serialize.dumps_plain(args), []
         else:
             try:
                 (frames, meta), refs = collect_refs(

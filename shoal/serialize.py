@@ -216,6 +216,12 @@ def plain(values: tuple) -> bool:
     return all(type(x) in _SCALARS for x in values)
 
 
+def dumps_plain(obj: Any) -> tuple[list, dict]:
+    """:func:`dumps` of a value :func:`plain` says is plain (or a plain scalar):
+    the stdlib's pickler, about 5x cheaper than cloudpickle, gives the same bytes."""
+    return [pickle.dumps(obj, protocol=5)], {}
+
+
 def dumps(obj: Any, shm: bool = False, hold: bool = True) -> tuple[list, dict]:
     """Pickle ``obj``: return ``(frames, meta)`` where ``frames[0]`` is the pickle.
 
@@ -224,8 +230,7 @@ def dumps(obj: Any, shm: bool = False, hold: bool = True) -> tuple[list, dict]:
     creates (a worker's results: the client maps and unlinks them).
     """
     if type(obj) in _SCALARS or (type(obj) is tuple and plain(obj)):
-        # Plain values pickle the same either way; the stdlib pickler is 5x cheaper.
-        return [pickle.dumps(obj, protocol=5)], {}
+        return dumps_plain(obj)
     buffers: list = []
 
     def keep(buf: pickle.PickleBuffer):

@@ -21,6 +21,7 @@ import importlib
 import io
 import pickle
 import sys
+from types import FunctionType
 from typing import Any, Callable, Optional
 
 #: Every task defined in this process, by name.
@@ -201,9 +202,24 @@ def safe_loads(payload, buffers=()) -> Any:
     return _SafeUnpickler(io.BytesIO(payload), buffers=buffers).load()
 
 
+_dumps_function: Optional[Callable] = None
+
+
+def _load_dumps_function() -> Callable:
+    """serialize.dumps_function, imported on first use: importing this module
+    (a worker's ``--import`` modules do) loads no cloudpickle."""
+    global _dumps_function
+    from .serialize import dumps_function
+    _dumps_function = dumps_function
+    return dumps_function
+
+
 def encode_function(fn: Any) -> tuple:
     """How a task's function travels: ``(payload, digest, None)`` pickled, or
     ``(None, None, name)`` by name (a task name, or a Task from an importable module)."""
+    if type(fn) is FunctionType:  # the common case first: it is on every submit's path
+        payload, digest = (_dumps_function or _load_dumps_function())(fn)
+        return payload, digest, None
     from . import serialize
     if isinstance(fn, str):
         if not fn or any(c.isspace() for c in fn):
