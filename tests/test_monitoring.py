@@ -2,6 +2,7 @@
 real pseudo-terminal), both reading the broker only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -38,12 +39,24 @@ def read_lines(proc: subprocess.Popen, count: int, timeout: float) -> list:
     return lines
 
 
-def test_shoal_events_streams_json_lines_of_what_happens(idle_client, cluster):
-    events = subprocess.Popen([*SHOAL, "events", cluster.connection_file, "--count", "6"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO_DIR)
+@contextlib.contextmanager
+def shoal_events(client, *args: str):
+    """``shoal events ARGS`` running and watching (the broker counts it), stopped after."""
+    events = subprocess.Popen([*SHOAL, "events", *args], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO_DIR)
     try:
-        wait_until(lambda: len(idle_client.status()["watchers"]) >= 1, 20,
+        wait_until(lambda: len(client.status()["watchers"]) >= 1, 20,
                    message="shoal events to start watching")
+        yield events
+    finally:
+        if events.poll() is None:
+            events.kill()
+            events.wait()
+        events.stdout.close()
+
+
+def test_shoal_events_streams_json_lines_of_what_happens(idle_client, cluster):
+    with shoal_events(idle_client, cluster.connection_file, "--count", "6") as events:
         ok = idle_client.submit(abs, -3)
         assert ok.result(timeout=10) == 3
         bad = idle_client.submit(fail, "for the log")
@@ -51,11 +64,6 @@ def test_shoal_events_streams_json_lines_of_what_happens(idle_client, cluster):
             bad.result(timeout=10)
         lines = read_lines(events, 6, 20)
         assert events.wait(10) == 0
-    finally:
-        if events.poll() is None:
-            events.kill()
-            events.wait()
-        events.stdout.close()
     parsed = [json.loads(line) for line in lines]
     kinds = [(e["event"], e["task"]) for e in parsed]
     assert kinds == [("task-received", ok.task_id), ("task-started", ok.task_id),
@@ -67,21 +75,13 @@ def test_shoal_events_streams_json_lines_of_what_happens(idle_client, cluster):
 
 
 def test_shoal_events_filters_by_kind(idle_client, cluster):
-    events = subprocess.Popen([*SHOAL, "events", cluster.connection_file, "--kinds",
-                               "task-failed", "--count", "1"], stdout=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: len(idle_client.status()["watchers"]) >= 1, 20,
-                   message="shoal events to start watching")
+    with shoal_events(idle_client, cluster.connection_file, "--kinds", "task-failed",
+                      "--count", "1") as events:
         idle_client.gather([idle_client.submit(abs, -i) for i in range(5)], timeout=10)
         with pytest.raises(ValueError):
             idle_client.submit(fail, "only me").result(timeout=10)
         (line,) = read_lines(events, 1, 20)
         assert events.wait(10) == 0
-    finally:
-        if events.poll() is None:
-            events.kill()
-            events.wait()
-        events.stdout.close()
     assert json.loads(line)["event"] == "task-failed"
 
 
