@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from . import protocol
+from .direct import TID_MASK, direct_bid
 from .options import due_at
 from .protocol import Kind, identity_field
 from .records import (DEFAULT_QUEUE, PARKED, QUEUED, ClientRecord, StoredObject, Unit,
@@ -90,15 +91,20 @@ class Admission:
             if not isinstance(cid, bytes) or len(cid) != 8:
                 raise ValueError(f"malformed client id {cid!r}")
             client.cid = cid
+        # The client handed these to worker "dw" itself (shoal.direct).
+        direct = header.get("dw")
+        if direct is not None and not isinstance(direct, str):
+            raise ValueError(f"malformed direct worker name {direct!r:.80}")
         pos = self._store_objects(ident, msg)
         now = time.monotonic()
         durable = self.durable.durable
         for tid, refs, n, meta in header["u"]:
             if not isinstance(meta, dict) or not (refs or isinstance(meta.get("fn"), str)):
                 raise ValueError(f"task {tid!r} names no function")
-            if type(tid) is not int or not 0 < tid < 1 << 56:
+            if type(tid) is not int or not 0 < tid < (1 << 56 if direct is None else TID_MASK + 1):
                 raise ValueError(f"malformed task number {tid!r}")
-            unit = Unit(next(self._ids), ident, tid, refs, frames[pos:pos + n],
+            bid = next(self._ids) if direct is None else direct_bid(client.direct_base, tid)
+            unit = Unit(bid, ident, tid, refs, frames[pos:pos + n],
                         protocol.frame_digests(header, pos, pos + n), meta, queued_at=now,
                         key=task_key(client.cid, tid) if client.cid else b"")
             pos += n
@@ -119,6 +125,8 @@ class Admission:
             if self.watchers:
                 self._event("task-received", unit)
             if "dp" in meta and self._held_by_dependencies(unit):
+                continue
+            if direct is not None and self._start_direct(unit, direct):
                 continue
             self._enqueue(unit)
             if self.workers and (unit.queue != DEFAULT_QUEUE or unit.resources or "fn" in meta

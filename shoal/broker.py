@@ -30,6 +30,8 @@ import zmq
 from . import protocol
 from .protocol import SESSION_BOUND, Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
 from .admission import Admission
+from .direct import Early
+from .directside import DirectUnits
 from .durable import MemoryOnly
 from .flow import Flow
 from .liveness import Liveness
@@ -59,8 +61,8 @@ MAX_MESSAGE_BYTES = 4 << 30
 #: Log at most this many dropped-message lines per second; the rest are counted.
 DROP_LOG_PER_SECOND = 5
 
-class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequests,
-             ScheduleRequests, Events):
+class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Requests,
+             LockRequests, ScheduleRequests, Events):
     """A shoal broker bound to ``listen`` (``tcp://127.0.0.1:0`` picks a free port).
 
     Also binds an IPC endpoint beside the TCP one so that processes on this
@@ -153,6 +155,9 @@ class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequ
         # Task ids start at a random offset in each run, so a result of an
         # earlier run's task can never be taken for one of this run's.
         self._ids = itertools.count(int.from_bytes(os.urandom(5), "big") << 16)
+        # Each client's base for the ids of units it hands straight to workers.
+        self._direct_bases = itertools.count(int.from_bytes(os.urandom(2), "big"))
+        self.early = Early()  # direct units' results that beat their submissions
         # Identifies this run of the broker: a client that sees it change knows
         # the broker restarted and what it had in flight is gone.
         self.session = os.urandom(8).hex()
@@ -305,6 +310,8 @@ class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequ
             self._trim_due = False
             release_memory()
         self.results.expire()
+        if self.early:
+            self.early.expire()
         self._expire_kept()
         if self.fetches:
             self._expire_fetches()
@@ -404,13 +411,14 @@ class Broker(Admission, WorkerSide, Liveness, Flow, Recovery, Requests, LockRequ
     def _client(self, ident: bytes) -> ClientRecord:
         record = self.clients.get(ident)
         if record is None:
-            record = self.clients[ident] = ClientRecord(ident)
+            record = self.clients[ident] = ClientRecord(ident,
+                                                        direct_base=next(self._direct_bases))
         record.last_seen = time.monotonic()
         return record
 
     def _on_client_hello(self, ident: bytes, msg: protocol.Message) -> None:
-        self._client(ident)
-        self._send(ident, Kind.WELCOME, self._summary())
+        record = self._client(ident)
+        self._send(ident, Kind.WELCOME, {**self._summary(), **self._direct_offer(record)})
 
     def _summary(self) -> dict:
         summary = {"workers": len(self.workers), "session": self.session,
@@ -442,11 +450,6 @@ def _bind(sock: zmq.Socket, listen: str) -> str:
         return f"tcp://{host}:{port}"
     sock.bind(listen)
     return listen
-
-
-def is_loopback(address: str) -> bool:
-    host = address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
-    return address.startswith("ipc://") or host in ("localhost", "::1") or host.startswith("127.")
 
 
 def main(argv: Optional[list] = None) -> int:

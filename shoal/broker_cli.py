@@ -12,9 +12,10 @@ from typing import Optional
 
 import zmq
 
-from .broker import MAX_FRAMES, MAX_MESSAGE_BYTES, Broker, is_loopback
+from .broker import MAX_FRAMES, MAX_MESSAGE_BYTES, Broker
 from .liveness import Liveness
-from .security import default_home, read_connection_file, read_key_file, runtime_dir
+from .security import (default_home, is_loopback, read_connection_file, read_key_file,
+                       runtime_dir)
 
 logger = logging.getLogger("shoal.broker")
 

@@ -22,6 +22,7 @@ import zmq
 from . import protocol, serialize
 from .clientio import BROKER_TIMEOUT, ClientIO
 from .deps import AlreadyFailed, already_failed
+from .direct import DirectLinks
 from .errors import BrokerUnreachable, ClientClosed, NoWorkersError
 from .executor import Executor
 from .futures import Future
@@ -116,6 +117,8 @@ class Client(ClientIO, TaskQueueAPI):
         self.hosts: list = []
         self._no_workers_since: Optional[float] = None
         self._ctx = zmq.Context.instance()
+        #: local workers a lone task may be handed to straight (shoal.direct)
+        self._direct = DirectLinks(self._ctx, self._host, self.cid)
         self._thread = threading.Thread(target=self._io_loop, name="shoal-client-io", daemon=True)
         self._thread.start()
         self._post((Kind.CLIENT_HELLO,))

@@ -21,6 +21,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      TransferError)
+from .direct import direct_bid, eligible, receive_results
 from .futures import Future
 from .outcomes import settle
 from .protocol import SESSION_BOUND, FrameAltered, Kind, ProtocolError
@@ -96,14 +97,21 @@ class ClientIO:
                 return
             try:
                 sock = self._sock
-                items = [(sock, _POLLIN), (self._wake_r, _POLLIN)]
                 if not self._flush(sock, leader=True):
                     return
+                direct = self._direct
+                version, items = -1, None
                 while not future.done() and not self._closed:
                     wait = 100 if deadline is None else min(100, int((deadline - time.monotonic()) * 1000))
                     if wait < 0:
                         return
+                    if version != direct.version:  # a direct link opened or closed
+                        version = direct.version
+                        items = [(sock, _POLLIN), (self._wake_r, _POLLIN)] + [
+                            (link.sock, _POLLIN) for link in direct.links.values()]
                     if zmq_poll(items, wait):
+                        if direct.links:
+                            self._receive_direct()
                         self._receive(sock)
                         if self._woken and not self._flush(sock, leader=True):
                             return
@@ -131,8 +139,17 @@ class ClientIO:
             poller.register(self._wake_r, zmq.POLLIN)
             poller.register(watch.monitor, zmq.POLLIN)
             lock = self._sock_lock
+            direct, version, polled = self._direct, -1, set()
             while not self._broken:
                 with lock:
+                    if version != direct.version:  # a direct link opened or closed
+                        version = direct.version
+                        links = {link.sock for link in direct.links.values()}
+                        for s in polled - links:
+                            poller.unregister(s)
+                        for s in links - polled:
+                            poller.register(s, zmq.POLLIN)
+                        polled = links
                     # Commands queued while this thread was parked wrote no
                     # wake-up byte: don't wait on the poll before sending them.
                     for s, _ in poller.poll(0 if self._commands else 250):
@@ -142,6 +159,8 @@ class ClientIO:
                             why = watch.check()
                             if why is not None:
                                 self._give_up(why)
+                        elif s in polled:
+                            self._receive_direct()
                     if not self._flush(sock):
                         break
                     self._housekeeping(sock)
@@ -156,6 +175,8 @@ class ClientIO:
         finally:
             if watch is not None:
                 watch.close()
+            with self._sock_lock:
+                self._direct.close()
             sock.close(linger=500)
 
     def _send(self: "Client", sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
@@ -208,6 +229,12 @@ class ClientIO:
             kind = cmd[0]
             if kind == Kind.SUBMIT:
                 _, tid, fn_digest, fn_payload, refs, parts, meta = cmd
+                if (not commands and not entries and len(self._pending) == 1
+                        and self._direct.base is not None and self._store is None
+                        and tid in self._pending and tid not in self._segments
+                        and eligible(tid, fn_digest, refs, parts, meta)
+                        and self._send_direct(sock, cmd)):
+                    continue
                 if self._store is not None:
                     self._unacked[tid] = cmd  # sent again if the broker restarts before storing it
                 if fn_digest is None:  # a task sent by name
@@ -260,11 +287,49 @@ class ClientIO:
             self._send_submit(sock, entries, objects, frames + unit_frames)
         return True
 
-    def _send_submit(self: "Client", sock, entries: list, objects: list, frames: list) -> None:
+    def _send_submit(self: "Client", sock, entries: list, objects: list, frames: list,
+                     direct: Optional[str] = None) -> None:
         fields = {"u": entries, "cid": self.cid}
         if objects:
             fields["ob"] = objects
+        if direct is not None:
+            fields["dw"] = direct
         self._send(sock, Kind.SUBMIT, fields, frames)
+
+    def _send_direct(self: "Client", sock, cmd: tuple) -> bool:
+        """Hand a lone task straight to a local worker, and tell the broker so
+        (see shoal.direct); False when no worker is offered or its link refuses."""
+        link = self._direct.pick()
+        if link is None:
+            return False
+        _, tid, fn_digest, fn_payload, _, parts, meta = cmd
+        fields = {"u": [[direct_bid(self._direct.base, tid), [fn_digest], len(parts), meta]]}
+        frames = list(parts)
+        if fn_digest not in link.objects:
+            fields["ob"] = [[fn_digest, 1]]
+            frames.insert(0, fn_payload)
+        try:
+            send_frames(link.sock, protocol.encode(self._key, Kind.TASKS, fields, frames,
+                                                   session=link.session), block=False)
+        except zmq.Again:
+            return False  # not connected (the worker left): the broker's path
+        link.objects.add(fn_digest)
+        self._direct.sent += 1
+        # The same submission to the broker, which records it as running there.
+        objects, frames = [], list(parts)
+        if fn_digest not in self._sent_objects:
+            self._sent_objects.add(fn_digest)
+            objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
+            frames.insert(0, fn_payload)
+        self._send_submit(sock, [[tid, [fn_digest], len(parts), meta]], objects, frames,
+                          direct=link.name)
+        return True
+
+    def _receive_direct(self: "Client") -> None:
+        for link in list(self._direct.links.values()):
+            for msg in receive_results(link.sock, self._key, self._guard):
+                self._last_heard = time.monotonic()
+                self._on_results(msg)
 
     def _receive(self: "Client", sock) -> None:
         # Ask the socket whether more is waiting instead of reading until
@@ -308,6 +373,7 @@ class ClientIO:
                 self._check_session(msg.header.get("session"), msg.header.get("store"))
                 if "workers" in msg.header:
                     self.workers = msg.header["workers"]  # notice the last worker leaving
+                self._direct.learn(msg.header)
             elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
                 self._check_session(msg.header.get("session"), msg.header.get("store"))
                 self._learn(msg.header)
@@ -345,6 +411,7 @@ class ClientIO:
                     self._fail(tid, BrokerError(text))
 
     def _learn(self: "Client", header: dict) -> None:
+        self._direct.learn(header)
         self.workers = header.get("workers", 0)
         self.slots = header.get("slots", 0)
         self.hosts = header.get("hosts", [])
@@ -379,6 +446,7 @@ class ClientIO:
     def _lose_broker(self: "Client", why: str) -> None:
         """The broker died or restarted: what it held is gone; fail it, never hang."""
         self._sent_objects.clear()  # a new broker holds none of them
+        self._direct.forget_objects()
         lost = len(self._pending)
         error = BrokerLost(f"{why}; {lost} task(s) in flight were lost. Submit them again once "
                            "it is back (a keyed map resumes where it stopped).")

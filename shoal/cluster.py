@@ -18,8 +18,7 @@ import weakref
 from typing import Any, Optional
 
 from .client import Client
-from .broker import is_loopback
-from .security import new_key, read_connection_file, runtime_dir, write_private
+from .security import is_loopback, new_key, read_connection_file, runtime_dir, write_private
 
 logger = logging.getLogger(__name__)
 

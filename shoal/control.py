@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 1.0
 #: How often printed output of running tasks is sent on.
 STREAM_SECONDS = 0.1
+#: How soon a direct task that reaches a busy one-slot worker is bounced to the broker.
+BOUNCE_SECONDS = 0.005
 INTERRUPT_SIGNAL = signal.SIGUSR2
 
 
@@ -114,7 +116,13 @@ class Control(threading.Thread):
                 # Each step is guarded: this thread must outlive any one bad message or
                 # bug, or the worker stops heartbeating and is declared lost while alive.
                 try:
-                    ready = dict(poller.poll(int(STREAM_SECONDS * 1000)))
+                    # While the main thread runs a task, direct tasks that reach it
+                    # are bounced from here (see Worker.bounce_direct).
+                    watching = worker.inline and worker.direct is not None and worker.running_now
+                    ready = dict(poller.poll(int((BOUNCE_SECONDS if watching else
+                                                  STREAM_SECONDS) * 1000)))
+                    if watching:
+                        worker.bounce_direct(self.bounce)
                     if self._wake_r in ready:
                         try:
                             os.read(self._wake_r, 4096)
@@ -148,6 +156,10 @@ class Control(threading.Thread):
                 entry[0].set()  # a task waiting for an answer stops waiting
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def bounce(self, bids: list) -> None:
+        """Give direct units back to the broker (see Worker.bounce_direct)."""
+        self._send(Kind.RESULTS, {"r": [[bid, "bounce", 0, {}] for bid in bids]})
 
     def _log_error(self, text: str) -> None:
         """Log an unexpected error with its traceback, at most every 5 s (it may repeat)."""

@@ -28,6 +28,9 @@ class ObjectStore:
     def add(self, digest: bytes, frames: list) -> None:
         self._raw[digest] = frames
 
+    def has(self, digest: bytes) -> bool:
+        return digest in self._raw or digest in self._decoded
+
     def refuse(self, digest: bytes, why: str) -> None:
         """Remember that ``digest`` arrived altered: tasks that use it fail saying so."""
         self._altered[digest] = why

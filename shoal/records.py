@@ -81,6 +81,7 @@ class WorkerRecord:
     registered_only: bool = False  # runs named tasks of task_names only
     blocked_until: float = 0.0  # its task socket was unreachable: no tasks before then
     key: Optional[str] = None  # its Curve public key, on a Curve-secured broker
+    direct: str = ""  # its direct endpoint, where local clients hand it lone tasks
 
     @property
     def prefetch(self) -> int:
@@ -158,6 +159,7 @@ class ClientRecord:
     last_seen: float = 0.0
     warned: set = field(default_factory=set)  # needs no worker met, already told
     cid: bytes = b""  # the id it names its tasks with (task_key)
+    direct_base: int = 0  # names the units it hands straight to workers (shoal.direct)
 
 
 # ---------------------------------------------------------------- task ids

@@ -33,6 +33,12 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an ipc:// or tcp:// endpoint) reaches this host only."""
+    host = address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+    return address.startswith("ipc://") or host in ("localhost", "::1") or host.startswith("127.")
+
+
 def runtime_dir() -> Path:
     """Where shoal keeps connection files and logs (``$SHOAL_RUNTIME_DIR`` overrides)."""
     base = os.environ.get("SHOAL_RUNTIME_DIR")

@@ -25,10 +25,12 @@ from collections import deque
 from typing import Any, Optional
 
 import zmq
+from zmq.backend import zmq_poll
 
 from . import protocol, serialize, tasks
 from .capture import OutputRouter
 from .control import Control, Interrupted
+from .direct import DirectInbox, is_direct
 from .errors import TransferError
 from .execution import MAX_RESULT_SIZE, Backlog, Execution, encode_exception
 from .objects import ObjectStore
@@ -36,7 +38,8 @@ from .protocol import FrameAltered, Kind, ProtocolError
 from .records import DEFAULT_QUEUE
 from .routing import parse_resources
 from .security import (ConnectionInfo, HandshakeWatch, apply_curve, find_local_broker,
-                       read_connection_file, read_key_file)
+                       is_loopback, read_connection_file, read_key_file,
+                       runtime_dir)
 from .transport import recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
@@ -172,6 +175,8 @@ class Worker(Execution):
         self.captures: dict[int, tuple] = {}
         self.deadlines: dict[int, float] = {}
         self.control = Control(self)
+        #: where local clients hand lone tasks straight to this worker (shoal.direct)
+        self.direct = self._open_direct()
         self.threads = [] if self.inline else [
             threading.Thread(target=self._slot, name=f"shoal-slot-{i}", daemon=True)
             for i in range(slots)]
@@ -188,6 +193,18 @@ class Worker(Execution):
                       "(its handshake failed); check that this worker has the broker's "
                       "connection file")
 
+    def _open_direct(self) -> Optional[DirectInbox]:
+        """A direct endpoint, for a worker of the default queue on a loopback broker
+        without Curve (across hosts every task goes through the broker)."""
+        if (self.curve or self.registered_only or DEFAULT_QUEUE not in self.queues
+                or not is_loopback(self.address)):
+            return None
+        try:
+            return DirectInbox(self.ctx, self.key, str(runtime_dir()))
+        except (zmq.ZMQError, OSError) as exc:
+            logger.info("no direct endpoint (%s); tasks come through the broker only", exc)
+            return None
+
     def run(self) -> None:
         """Serve until the broker says stop, SIGTERM, or the parent process dies."""
         global _current
@@ -201,17 +218,30 @@ class Worker(Execution):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        direct = self.direct
+        if direct is not None:
+            poller.register(direct.sock, zmq.POLLIN)
+            inline_items = [(self.sock, _POLLIN), (direct.sock, _POLLIN)]
+            if self.inline:
+                direct.lock.acquire()  # held by this thread but while it runs a task
         try:
             while not self._stopping:
                 if self.inline:
-                    # Only the socket to watch: the cheapest wait on the latency path.
-                    if self.sock.poll(250):
+                    # Only the sockets to watch: the cheapest wait on the latency path.
+                    if direct is None:
+                        if self.sock.poll(250):
+                            self._receive()
+                            self._run_pending()
+                    elif zmq_poll(inline_items, 250):
                         self._receive()
+                        self._receive_direct()
                         self._run_pending()
                 else:
                     for sock, _ in poller.poll(250):
                         if sock is self.sock:
                             self._receive()
+                        elif direct is not None and sock is direct.sock:
+                            self._receive_direct()
                         else:
                             self._flush_results()
         finally:
@@ -234,6 +264,8 @@ class Worker(Execution):
             fields["tk"] = self.task_names
         if self.registered_only:
             fields["ro"] = 1
+        if self.direct is not None:
+            fields["dx"] = self.direct.endpoint
         return fields
 
     def stop(self) -> None:
@@ -260,6 +292,8 @@ class Worker(Execution):
             self.inbox.put(None)
         self.watch.close()  # on this thread, which owns the socket; the control thread is done
         self.sock.close(linger=500)
+        if self.direct is not None:
+            self.direct.close()
         serialize.segments.unlink_all()
         sys.stdout, sys.stderr = self.stdout.original, self.stderr.original
 
@@ -310,6 +344,51 @@ class Worker(Execution):
         for unit in units:
             waiting[unit[0]] = unit
             put(unit[0], unit[3].get("pr", 0))
+
+    def _receive_direct(self) -> None:
+        """Take the tasks local clients handed this worker straight; bounce them to
+        the broker (which queues them as usual) when this worker is busy."""
+        for route, msg in self.direct.receive():
+            try:
+                objects, forget, units = _parse_tasks(msg.header, msg.frames)
+                if forget or not all(is_direct(unit[0]) for unit in units):
+                    raise ValueError("a direct task must carry a direct unit id, and no 'fg'")
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("dropped a malformed direct task message: %r", exc)
+                self._bounce([bid for bid in _unit_ids(msg.header) if is_direct(bid)])
+                continue
+            for digest, frames in objects:
+                store.add(digest, frames)
+            busy = bool(self.waiting) or len(self.running_now) >= self.slots
+            if busy or not all(store.has(ref) for unit in units for ref in unit[1]):
+                self._bounce([unit[0] for unit in units])
+                continue
+            put = self.pending.put if self.inline else self.inbox.put
+            for unit in units:
+                self.direct.routes[unit[0]] = route
+                self.waiting[unit[0]] = unit
+                put(unit[0], 0)
+
+    def bounce_direct(self, bounce) -> None:
+        """On the control thread: while the one slot runs a task, give every direct
+        task that arrives back to the broker at once with ``bounce(bids)``, rather
+        than leave it waiting behind that task."""
+        direct = self.direct
+        if not direct.lock.acquire(blocking=False):
+            return  # the main thread is between tasks: it takes them itself
+        try:
+            bids = [bid for _, msg in direct.receive() for bid in _unit_ids(msg.header)
+                    if is_direct(bid)]
+        finally:
+            direct.lock.release()
+        if bids:
+            bounce(bids)
+
+    def _bounce(self, bids: list) -> None:
+        """Give direct units back to the broker, to be queued as if submitted to it."""
+        if bids:
+            self.outbox.extend((bid, "bounce", [], {}) for bid in bids)
+            self._flush_results()
 
     def _on_altered_tasks(self, msg: protocol.Message) -> None:
         """A TASKS message whose signature held but a large frame did not match its digest.
@@ -367,10 +446,20 @@ class Worker(Execution):
         pending, outbox = self.pending, self.outbox
         flushed = time.perf_counter()
         waiting = self.waiting
+        direct = self.direct
         while pending and not self._stopping:
             unit = waiting.pop(pending.pop(), None)
             if unit is not None:  # else cancelled before it started
-                outbox.append(self._run_unit(unit))
+                if direct is None:
+                    outbox.append(self._run_unit(unit))
+                else:
+                    direct.lock.release()  # the control thread bounces what comes meanwhile
+                    try:
+                        outbox.append(self._run_unit(unit))
+                    finally:
+                        direct.lock.acquire()
+            if direct is not None:
+                self._receive_direct()  # bounced at once while others wait here
             if not pending:
                 self._receive()  # pick up work that arrived meanwhile
             now = time.perf_counter()
@@ -390,8 +479,14 @@ class Worker(Execution):
             self._woken = False
         entries, frames = [], []
         outbox = self.outbox
+        # Direct units' results go straight to their clients first; the broker
+        # gets them all, those delivered marked so it does not forward them.
+        delivered = self.direct.deliver(outbox, self.name) if (
+            self.direct is not None and self.direct.routes) else ()
         while outbox:
             bid, status, out_frames, meta = outbox.popleft()
+            if delivered and bid in delivered:
+                meta = {**meta, "dd": 1}
             entries.append([bid, status, len(out_frames), meta])
             frames.extend(out_frames)
         if entries:

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from . import protocol
+from .direct import DIRECT_BIT, is_direct
 from .protocol import Kind, identity_field
 from .records import DEFAULT_QUEUE, QUEUED, RUNNING, WorkerRecord
 from .routing import parse_resources
@@ -52,6 +53,9 @@ class WorkerSide:
                 or not all(isinstance(q, str) and q for q in queues)):
             raise ValueError(f"worker announced queues {queues!r}")
         resources = parse_resources(h.get("rs") or {})
+        direct = h.get("dx", "")
+        if not isinstance(direct, str) or (direct and not direct.startswith("ipc://")):
+            raise ValueError(f"worker announced direct endpoint {direct!r:.80}")
         task_names = h.get("tk", [])
         if not isinstance(task_names, list) or not all(isinstance(t, str) for t in task_names):
             raise ValueError(f"worker announced tasks {task_names!r}")
@@ -69,7 +73,7 @@ class WorkerSide:
                                            control=control, key=self._peer_key,
                                            queues=frozenset(queues), resources=resources,
                                            task_names=frozenset(task_names),
-                                           registered_only=bool(h.get("ro")))
+                                           registered_only=bool(h.get("ro")), direct=direct)
         self._workers_changed()
         if self.watchers:
             self._event("worker-joined", worker=name, slots=slots, queues=queues)
@@ -117,10 +121,11 @@ class WorkerSide:
     def _on_heartbeat(self: "Broker", ident: bytes, msg: protocol.Message) -> None:
         header = msg.header
         if "wid" not in header:  # a client's: answer, so it knows this broker is alive
-            self._client(ident)
+            client = self._client(ident)
             self._send(ident, Kind.HEARTBEAT, {"session": self.session,
                                                "store": self.durable.store_id,
-                                               "workers": len(self.workers)})
+                                               "workers": len(self.workers),
+                                               **self._direct_offer(client)})
             return
         worker = self._worker_of(ident, header)
         if worker is not None:
@@ -146,22 +151,36 @@ class WorkerSide:
         # Results are matched by task, whoever sends them: a worker declared
         # lost that was only slow may still deliver first.  The first result
         # wins; any later one for the same task is a counted duplicate.
+        header, frames = msg.header, msg.frames
         worker = self.workers.get(ident)
+        if worker is None and "wid" in header:  # bounces a busy worker's control thread sent
+            worker = self._worker_of(ident, header)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        header, frames = msg.header, msg.frames
         outgoing: dict[bytes, tuple[list, list, dict]] = {}
         settled = []
         pos = 0
         for bid, status, n, meta in header["r"]:
             start, pos = pos, pos + n
+            if is_direct(bid) and bid not in self.tasks:
+                if self.early.late(bid):
+                    self.counts["duplicates"] += 1
+                else:  # it beat its client's submission: held until that comes
+                    self.early.hold(ident, [bid, status, n, meta], frames[start:pos],
+                                    protocol.frame_digests(header, start, pos))
+                continue
             if status == "retry":
                 self._retry_later(bid, meta, worker)
+                continue
+            if status == "bounce":
+                self._bounced(bid, worker)
                 continue
             unit = self.tasks.pop(bid, None)
             if unit is None:
                 self.counts["duplicates"] += 1
                 continue
+            if bid >= DIRECT_BIT:
+                self.early.finished(bid)
             holder = self.workers.get(unit.worker) if unit.worker else None
             if holder is not None:
                 holder.finish(bid)
@@ -178,8 +197,11 @@ class WorkerSide:
             meta["w"] = worker.name if worker is not None else "a worker no longer registered"
             unit_frames = frames[start:start + n]
             unit_digests = protocol.frame_digests(header, start, start + n)
+            delivered = meta.pop("dd", None)  # its client has it, straight from the worker
             self._keep_result(unit, status, unit_frames, meta, unit_digests)
             settled.append((unit, status, unit_frames, meta, unit_digests))
+            if delivered:
+                continue
             parts = outgoing.get(unit.client)
             if parts is None:
                 parts = outgoing[unit.client] = ([], [], {})

@@ -1,0 +1,186 @@
+"""The direct path (shoal.direct): a lone task from a local client goes straight
+to an idle worker and its result straight back, while the broker records
+everything as if it had routed it: counts, results kept by id, dependents,
+cancels, and the task run again when its worker dies or is busy."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import zmq
+
+import shoal
+from conftest import Gate, hold, running_cluster, wait_until
+from shoal import protocol
+from shoal.direct import DIRECT_BIT
+from shoal.protocol import Kind
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def pid_and(x):
+    return os.getpid(), x
+
+
+def direct_sent(client) -> int:
+    return client._direct.sent
+
+
+def offered_worker(client) -> str:
+    """The worker this client hands its lone tasks to."""
+    wait_until(lambda: client._direct.offered, 10, message="the broker to offer direct workers")
+    name, _ = client._direct.offered[client._direct._salt % len(client._direct.offered)]
+    return name
+
+
+def test_a_lone_task_goes_straight_to_a_worker_and_the_broker_still_counts_it(cluster):
+    with cluster.client() as client:
+        before = client.status()["counts"]["done"]
+        sent = direct_sent(client)
+        assert [client.submit(inc, i).result(timeout=10) for i in range(20)] == list(range(1, 21))
+        assert direct_sent(client) - sent == 20
+        wait_until(lambda: client.status()["counts"]["done"] - before >= 20, 10,
+                   message="the broker to count the direct tasks done")
+        status = client.status()
+        assert status["running"] == 0 and status["queued"] == 0
+
+
+def test_a_direct_tasks_result_is_kept_by_id_and_feeds_a_dependent_task(cluster):
+    with cluster.client() as client:
+        sent = direct_sent(client)
+        first = client.submit(inc, 1)
+        assert first.result(timeout=10) == 2
+        assert direct_sent(client) - sent == 1
+        assert client.result(first.task_id, timeout=10) == 2  # the broker kept it
+        with cluster.client() as other:  # also for another client
+            assert other.result(first.task_id, timeout=10) == 2
+        # A task that takes a direct task's future gets its value.
+        lone = client.submit(inc, 10)
+        assert client.submit(inc, lone).result(timeout=10) == 12
+
+
+def test_exceptions_output_and_keywords_travel_the_direct_path(cluster):
+    def shout(x, *, suffix):
+        print("hello from", x)
+        if x < 0:
+            raise ValueError(f"negative {x}{suffix}")
+        return f"{x}{suffix}"
+
+    with cluster.client() as client:
+        sent = direct_sent(client)
+        ok = client.submit(shout, 3, suffix="!")
+        assert ok.result(timeout=10) == "3!"
+        assert ok.stdout == "hello from 3\n"
+        with pytest.raises(ValueError, match="negative -1!") as failed:
+            client.submit(shout, -1, suffix="!").result(timeout=10)
+        assert "raise ValueError" in "".join(str(n) for n in getattr(failed.value, "__notes__", [])) \
+            or "raise ValueError" in str(failed.value.__cause__)
+        assert direct_sent(client) - sent == 2
+
+
+def test_tasks_submitted_in_a_burst_go_through_the_broker(cluster):
+    with cluster.client() as client:
+        client.submit(inc, 0).result(timeout=10)
+        sent = direct_sent(client)
+        futures = [client.submit(inc, i) for i in range(300)]
+        assert client.gather(futures, timeout=30) == list(range(1, 301))
+        # At most the first of them, alone in flight when it was sent, went direct.
+        assert direct_sent(client) - sent <= 1
+
+
+def test_a_busy_worker_bounces_a_direct_task_which_then_runs_on_another(tmp_path):
+    gate = Gate(tmp_path / "gate")
+    with running_cluster(n_workers=2) as cluster, cluster.client() as client, \
+            cluster.client() as other:
+        target = offered_worker(client)
+        held = other.submit_to(target, hold, gate.path, gate.started_dir)
+        wait_until(lambda: gate.started() == 1, 20, message="the holding task to start")
+        busy_pid = {w["name"]: w["pid"] for w in client.status()["worker_list"]}[target]
+        sent = direct_sent(client)
+        t0 = time.monotonic()
+        pid, value = client.submit(pid_and, 7).result(timeout=10)
+        assert direct_sent(client) - sent == 1
+        assert value == 7 and pid != busy_pid  # not queued behind the held task
+        assert time.monotonic() - t0 < 5
+        gate.open()
+        assert held.result(timeout=20) == busy_pid
+
+
+def test_a_direct_task_whose_worker_is_killed_runs_again_on_another(tmp_path):
+    gate = Gate(tmp_path / "gate")
+    with running_cluster(n_workers=2) as cluster, cluster.client() as client:
+        offered_worker(client)
+        sent = direct_sent(client)
+        future = client.submit(hold, gate.path, gate.started_dir)
+        wait_until(lambda: gate.started() == 1, 20, message="the task to start")
+        assert direct_sent(client) - sent == 1
+        victim = int(os.listdir(gate.started_dir)[0].split("-")[0])
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: gate.started() == 2, 30, message="the task to start again")
+        gate.open()
+        pid = future.result(timeout=30)
+        assert pid != victim
+
+
+def test_cancelling_a_running_direct_task_stops_it(tmp_path):
+    gate = Gate(tmp_path / "gate")
+    with running_cluster(n_workers=2) as cluster, cluster.client() as client:
+        offered_worker(client)
+        future = client.submit(hold, gate.path, gate.started_dir)
+        wait_until(lambda: gate.started() == 1, 20, message="the task to start")
+        assert future.cancel()
+        assert future.cancelled()
+        assert client.submit(inc, 1).result(timeout=10) == 2
+        wait_until(lambda: client.status()["counts"]["cancelled"] == 1, 10,
+                   message="the broker to count the cancel")
+
+
+def test_bad_frames_on_a_workers_direct_endpoint_are_dropped_and_it_serves_on(cluster):
+    with cluster.client() as client:
+        client.submit(inc, 0).result(timeout=10)
+        endpoints = [endpoint for _, endpoint in client._direct.offered]
+        assert endpoints, "the broker offers no direct worker"
+        key = client._key
+        ctx = zmq.Context.instance()
+        for endpoint in endpoints:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.connect(endpoint)
+                session = protocol.Session()
+                bad = [
+                    [b"garbage"],
+                    [b"\0" * 32, b"not a header", b"x"],
+                    protocol.encode(b"another key" * 3, Kind.TASKS, {"u": []}),
+                    # Signed, but not a task, or a unit id the broker would hand out itself.
+                    protocol.encode(key, Kind.SHUTDOWN, session=session),
+                    protocol.encode(key, Kind.TASKS, {"u": [[5, [b"d" * 16], 0, {}]]},
+                                    session=session),
+                    protocol.encode(key, Kind.TASKS, {"u": "nonsense"}, session=session),
+                    protocol.encode(key, Kind.TASKS, {"u": [[DIRECT_BIT + 1, [b"d" * 16], 3, {}]]},
+                                    session=session),
+                ]
+                for frames in bad:
+                    sock.send_multipart(frames)
+            finally:
+                sock.close()
+        sent = direct_sent(client)
+        assert [client.submit(inc, i).result(timeout=10) for i in range(5)] == [1, 2, 3, 4, 5]
+        assert direct_sent(client) - sent == 5
+        assert len(client.status()["worker_list"]) == 2
+
+
+def test_a_client_of_a_curve_secured_broker_is_offered_no_direct_path(tmp_path):
+    from shoal.broker import Broker
+    broker = Broker(home=tmp_path / "home")
+    record = broker._client(b"c" * 5)
+    try:
+        assert broker._direct_offer(record) == {}
+    finally:
+        broker._shutdown()
