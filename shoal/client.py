@@ -83,6 +83,8 @@ class Client(ClientIO, TaskQueueAPI):
         self._events = None  # the EventStream this client feeds (shoal events, shoal top)
         self._asked: dict[int, tuple] = {}  # session-bound requests not yet answered
         self._fn_names: dict[bytes, str] = {}  # function digest -> its name
+        #: function digest (or task name) -> what its last map measured (shoal.mapping)
+        self._map_measures: dict = {}
         self._pending: dict[int, Any] = {}      # task id -> Future or map batch
         self._segments: dict[int, list] = {}    # task id -> shared-memory segments it sent
         # Everything bound for the broker goes through one ordered outbox,

@@ -31,6 +31,9 @@ MIN_BATCH_SECONDS = 0.005
 #: batch gets a smaller share, so memory stays bounded however large the cluster.
 IN_FLIGHT_BYTES = 64 << 20
 MAX_BATCH = 100_000
+#: A client remembers what the maps of this many functions measured: mapping one
+#: again starts from that (batches measure and adapt as ever) instead of a probe.
+REMEMBERED_FUNCTIONS = 256
 
 
 class _Batch(Future):
@@ -115,11 +118,16 @@ class MapResult:
         self.done_count = 0
         self.failed_count = 0
         self.started = time.monotonic()
+        self._measure_key = None  # what the client remembers this map's measures by
         if fn is not None:
             from .tasks import encode_function
             self._fn_payload, self._fn_digest, self._fn_name = encode_function(fn)
             if self._fn_digest is not None:
                 client._fn_names.setdefault(self._fn_digest, serialize.task_name(fn))
+            self._measure_key = self._fn_digest or self._fn_name
+            known = client._map_measures.get(self._measure_key)
+            if known is not None and batch_size is None:
+                self._per_item, self._result_bytes = known  # no probe: start from these
         self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
         self._feeder.start()
 
@@ -305,6 +313,12 @@ class MapResult:
             self._per_item = _average(self._per_item, t / n)
         if size is not None:
             self._result_bytes = _average(self._result_bytes, size / n)
+        if self._measure_key is not None and self._per_item is not None:
+            measures = self.client._map_measures
+            measures.pop(self._measure_key, None)  # (dicts keep order: the newest last)
+            measures[self._measure_key] = (self._per_item, self._result_bytes)
+            if len(measures) > REMEMBERED_FUNCTIONS:
+                del measures[next(iter(measures))]
 
     def _batch_done(self, batch: _Batch) -> None:
         batch._inputs = None

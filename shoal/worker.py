@@ -458,12 +458,14 @@ class Worker(Execution):
                         outbox.append(self._run_unit(unit))
                     finally:
                         direct.lock.acquire()
-            if direct is not None:
-                self._receive_direct()  # bounced at once while others wait here
             if not pending:
                 self._receive()  # pick up work that arrived meanwhile
+                if direct is not None:
+                    self._receive_direct()
             now = time.perf_counter()
             if now - flushed > 0.001 or not pending:
+                if direct is not None and pending:
+                    self._receive_direct()  # bounced, rather than wait behind a backlog
                 self._flush_results()
                 flushed = now
 

@@ -193,3 +193,22 @@ def test_map_batches_of_large_inputs_are_bounded_by_bytes_too(client):
     res = client.map(len, (b"x" * 50_000 for _ in range(1000)))
     assert list(res) == [50_000] * 1000
     assert max(b.count for b in res.batches) * 50_000 <= TARGET_BATCH_BYTES
+
+
+def triple(x):
+    return 3 * x
+
+
+def test_a_map_of_a_function_mapped_before_starts_from_its_measures_without_a_probe(cluster):
+    with cluster.client() as client:
+        first = client.map(triple, range(4000))
+        assert first.result(timeout=30) == [3 * x for x in range(4000)]
+        assert first.batches[0].count == 1  # a probe: nothing was known of triple
+        again = client.map(triple, range(4000))
+        assert again.result(timeout=30) == [3 * x for x in range(4000)]
+        assert again.batches[0].count > 1  # sized from what the first map measured
+        # A fixed batch size is kept as given, and another function is probed afresh.
+        fixed, other = client.map(triple, range(100), batch_size=7), client.map(inc, range(100))
+        assert fixed.result(timeout=30)[-1] == 297 and other.result(timeout=30)[-1] == 100
+        assert fixed.batches[0].count == 7
+        assert other.batches[0].count == 1
