@@ -95,6 +95,12 @@ class Admission:
         direct = header.get("dw")
         if direct is not None and not isinstance(direct, str):
             raise ValueError(f"malformed direct worker name {direct!r:.80}")
+        done = header.get("do") if direct is not None else None  # outcomes it had already
+        if done is not None and (not isinstance(done, list) or not all(
+                isinstance(d, list) and len(d) == 4 and type(d[0]) is int
+                and isinstance(d[1], str) and type(d[2]) is int and d[2] >= 0
+                and isinstance(d[3], dict) for d in done)):
+            raise ValueError(f"malformed direct outcomes {done!r:.80}")
         pos = self._store_objects(ident, msg)
         now = time.monotonic()
         durable = self.durable.durable
@@ -135,6 +141,8 @@ class Admission:
                     continue
                 self._warn_if_unrunnable(client, unit)
         self.counts["submitted"] += len(header["u"])
+        if done:
+            self._reported_outcomes(client, direct, done, frames[pos:])
 
     def _check_options(self: "Broker", unit: Unit) -> Optional[dict]:
         """Read a unit's task options; the metadata of its refusal if they are bad,

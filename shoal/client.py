@@ -121,6 +121,11 @@ class Client(ClientIO, TaskQueueAPI):
         self._ctx = zmq.Context.instance()
         #: local workers a lone task may be handed to straight (shoal.direct)
         self._direct = DirectLinks(self._ctx, self._host, self.cid)
+        #: worker name -> (entries, objects, frames) of direct tasks the broker is yet to be told of
+        self._noted: dict = {}
+        self._noted_due = 0.0
+        self._noted_tids: set = set()
+        self._noted_outcomes: dict = {}  # tid -> (status, frames, meta) of noted tasks done
         self._thread = threading.Thread(target=self._io_loop, name="shoal-client-io", daemon=True)
         self._thread.start()
         self._post((Kind.CLIENT_HELLO,))

@@ -21,7 +21,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      TransferError)
-from .direct import direct_bid, eligible, receive_results
+from .direct import CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, receive_results
 from .futures import Future
 from .outcomes import settle
 from .protocol import SESSION_BOUND, FrameAltered, Kind, ProtocolError
@@ -105,6 +105,12 @@ class ClientIO:
                     wait = 100 if deadline is None else min(100, int((deadline - time.monotonic()) * 1000))
                     if wait < 0:
                         return
+                    if self._noted:
+                        remaining = self._noted_due - time.monotonic()
+                        if remaining <= 0:
+                            self._send_noted(sock)
+                        else:
+                            wait = min(wait, 1 + int(remaining * 1000))
                     if version != direct.version:  # a direct link opened or closed
                         version = direct.version
                         items = [(sock, _POLLIN), (self._wake_r, _POLLIN)] + [
@@ -152,7 +158,10 @@ class ClientIO:
                         polled = links
                     # Commands queued while this thread was parked wrote no
                     # wake-up byte: don't wait on the poll before sending them.
-                    for s, _ in poller.poll(0 if self._commands else 250):
+                    wait = 0 if self._commands else 250
+                    if self._noted:
+                        wait = min(wait, 1 + int((self._noted_due - time.monotonic()) * 1000))
+                    for s, _ in poller.poll(max(0, wait)):
                         if s is sock:
                             self._receive(sock)
                         elif s is watch.monitor:
@@ -180,6 +189,8 @@ class ClientIO:
             sock.close(linger=500)
 
     def _send(self: "Client", sock, kind: str, fields: Optional[dict] = None, frames=()) -> None:
+        if self._noted and kind != Kind.HEARTBEAT:
+            self._send_noted(sock)  # what the broker must know before this message
         if kind in SESSION_BOUND:
             fields = dict(fields or (), bs=self._session)
         try:
@@ -285,15 +296,19 @@ class ClientIO:
                 self._send(sock, kind)  # STATUS or CLIENT_HELLO
         if entries:
             self._send_submit(sock, entries, objects, frames + unit_frames)
+        if self._noted and time.monotonic() >= self._noted_due:
+            self._send_noted(sock)
         return True
 
     def _send_submit(self: "Client", sock, entries: list, objects: list, frames: list,
-                     direct: Optional[str] = None) -> None:
+                     direct: Optional[str] = None, done: list = ()) -> None:
         fields = {"u": entries, "cid": self.cid}
         if objects:
             fields["ob"] = objects
         if direct is not None:
             fields["dw"] = direct
+        if done:
+            fields["do"] = done
         self._send(sock, Kind.SUBMIT, fields, frames)
 
     def _send_direct(self: "Client", sock, cmd: tuple) -> bool:
@@ -315,20 +330,49 @@ class ClientIO:
             return False  # not connected (the worker left): the broker's path
         link.objects.add(fn_digest)
         self._direct.sent += 1
-        # The same submission to the broker, which records it as running there.
-        objects, frames = [], list(parts)
+        # The same submission for the broker, which records it as running there;
+        # held a moment, to leave with others (see shoal.direct.NOTICE_SECONDS).
+        if not self._noted:
+            self._noted_due = time.monotonic() + NOTICE_SECONDS
+        entries, objects, frames = self._noted.setdefault(link.name, ([], [], []))
         if fn_digest not in self._sent_objects:
             self._sent_objects.add(fn_digest)
             objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
-            frames.insert(0, fn_payload)
-        self._send_submit(sock, [[tid, [fn_digest], len(parts), meta]], objects, frames,
-                          direct=link.name)
+            frames.insert(len(objects) - 1, fn_payload)  # objects' frames come first
+        entries.append([tid, [fn_digest], len(parts), meta])
+        frames.extend(parts)
+        self._noted_tids.add(tid)
         return True
+
+    def _send_noted(self: "Client", sock) -> None:
+        """Tell the broker of the tasks handed straight to workers since it was last told,
+        with the outcomes of those that are done (so it counts them done at once: this
+        client's next request sees them so)."""
+        noted, self._noted = self._noted, {}
+        outcomes, self._noted_outcomes = self._noted_outcomes, {}
+        self._noted_tids.clear()
+        for name, (entries, objects, frames) in noted.items():
+            done: list = []
+            if outcomes:
+                frames = list(frames)
+                for entry in entries:
+                    outcome = outcomes.get(entry[0])
+                    if outcome is not None:
+                        status, parts, meta = outcome
+                        done.append([entry[0], status, len(parts), {**meta, "dd": CLIENT_COPY}])
+                        frames.extend(parts)
+            self._send_submit(sock, entries, objects, frames, direct=name, done=done)
 
     def _receive_direct(self: "Client") -> None:
         for link in list(self._direct.links.values()):
             for msg in receive_results(link.sock, self._key, self._guard):
                 self._last_heard = time.monotonic()
+                if self._noted:  # the broker is yet to hear of some: it gets their outcomes
+                    pos = 0
+                    for tid, status, n, meta in msg.header["r"]:
+                        if tid in self._noted_tids:
+                            self._noted_outcomes[tid] = (status, msg.frames[pos:pos + n], meta)
+                        pos += n
                 self._on_results(msg)
 
     def _receive(self: "Client", sock) -> None:
@@ -447,6 +491,9 @@ class ClientIO:
         """The broker died or restarted: what it held is gone; fail it, never hang."""
         self._sent_objects.clear()  # a new broker holds none of them
         self._direct.forget_objects()
+        self._noted.clear()  # (their tasks fail below, with every other in flight)
+        self._noted_tids.clear()
+        self._noted_outcomes.clear()
         lost = len(self._pending)
         error = BrokerLost(f"{why}; {lost} task(s) in flight were lost. Submit them again once "
                            "it is back (a keyed map resumes where it stopped).")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import protocol
+from .direct import direct_bid
 from .protocol import Kind
 from .records import DEFAULT_QUEUE, RUNNING, ClientRecord, Unit
 
@@ -52,6 +53,26 @@ class DirectUnits:
                 header["bd"] = dict(digests)
             self._on_results(ident, protocol.Message(Kind.RESULTS, header, frames))
         return True
+
+    def _reported_outcomes(self: "Broker", client: ClientRecord, name: str, done: list,
+                           frames: list) -> None:
+        """Outcomes of direct units that their client had before it told the broker of
+        them (``do``, frames after the units'): settled now, so that client sees them
+        done (and their results kept) at once, not when the worker's copy comes."""
+        worker = self._worker_named(name)
+        entries, kept, pos = [], [], 0
+        for tid, status, n, meta in done:
+            bid = direct_bid(client.direct_base, tid)
+            unit = self.tasks.get(bid)
+            # (One queued again, its worker gone before the broker heard of it, runs
+            # again and settles then: it may not be taken from the queue here.)
+            if unit is None or unit.state == RUNNING:
+                entries.append([bid, status, n, meta])
+                kept.extend(frames[pos:pos + n])
+            pos += n
+        if entries:
+            self._on_results(worker.ident if worker is not None else b"",
+                             protocol.Message(Kind.RESULTS, {"r": entries}, kept))
 
     def _bounced(self: "Broker", bid: int, worker) -> None:
         """A worker was busy when a direct unit reached it: queue the unit as usual."""

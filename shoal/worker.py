@@ -30,7 +30,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize, tasks
 from .capture import OutputRouter
 from .control import Control, Interrupted
-from .direct import DirectInbox, is_direct
+from .direct import NOTICE_SECONDS, WORKER_COPY, DirectInbox, is_direct
 from .errors import TransferError
 from .execution import MAX_RESULT_SIZE, Backlog, Execution, encode_exception
 from .objects import ObjectStore
@@ -158,6 +158,9 @@ class Worker(Execution):
         self.guard = protocol.ReplayGuard()
         self.inbox = Backlog()  # for slot threads
         self.outbox: deque = deque()
+        #: results of direct units their clients have, for the broker, held until due
+        self._noted: list = []
+        self._noted_due = 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._woken = False
@@ -232,18 +235,23 @@ class Worker(Execution):
                         if self.sock.poll(250):
                             self._receive()
                             self._run_pending()
-                    elif zmq_poll(inline_items, 250):
+                    elif zmq_poll(inline_items, self._noted_wait()):
                         self._receive()
                         self._receive_direct()
                         self._run_pending()
+                    elif self._noted:
+                        self._send_noted()
                 else:
-                    for sock, _ in poller.poll(250):
+                    ready = poller.poll(self._noted_wait())
+                    for sock, _ in ready:
                         if sock is self.sock:
                             self._receive()
                         elif direct is not None and sock is direct.sock:
                             self._receive_direct()
                         else:
                             self._flush_results()
+                    if not ready and self._noted:
+                        self._send_noted()
         finally:
             self._close()
 
@@ -284,6 +292,8 @@ class Worker(Execution):
         self.control.stop()
         if self._failure is None:
             try:
+                if self._noted:
+                    self._send_noted()
                 self._send(Kind.WORKER_BYE)
             except zmq.ZMQError:
                 pass
@@ -488,11 +498,39 @@ class Worker(Execution):
         while outbox:
             bid, status, out_frames, meta = outbox.popleft()
             if delivered and bid in delivered:
-                meta = {**meta, "dd": 1}
+                meta = {**meta, "dd": WORKER_COPY}
             entries.append([bid, status, len(out_frames), meta])
             frames.extend(out_frames)
-        if entries:
-            self._send(Kind.RESULTS, {"r": entries}, frames)
+        if not entries:
+            return
+        noted = self._noted
+        if delivered and len(delivered) == len(entries):
+            # Only results their clients have: the broker's copy waits a moment, to
+            # leave with others (see shoal.direct.NOTICE_SECONDS).
+            if not noted:
+                self._noted_due = time.monotonic() + NOTICE_SECONDS
+            noted.append((entries, frames))
+            if time.monotonic() >= self._noted_due:
+                self._send_noted()
+            return
+        if noted:
+            self._send_noted()
+        self._send(Kind.RESULTS, {"r": entries}, frames)
+
+    def _noted_wait(self) -> int:
+        """Milliseconds to wait for work: until the held copies for the broker are due."""
+        if not self._noted:
+            return 250
+        return max(0, 1 + int((self._noted_due - time.monotonic()) * 1000))
+
+    def _send_noted(self) -> None:
+        """Send the broker the direct units' results it has not been sent yet."""
+        entries, frames = [], []
+        for held_entries, held_frames in self._noted:
+            entries.extend(held_entries)
+            frames.extend(held_frames)
+        self._noted.clear()
+        self._send(Kind.RESULTS, {"r": entries}, frames)
 
 
 def main(argv: Optional[list] = None) -> int:

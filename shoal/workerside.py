@@ -163,9 +163,10 @@ class WorkerSide:
         for bid, status, n, meta in header["r"]:
             start, pos = pos, pos + n
             if is_direct(bid) and bid not in self.tasks:
-                if self.early.late(bid):
+                late = self.early.late(bid, meta.get("dd", 0))
+                if late:
                     self.counts["duplicates"] += 1
-                else:  # it beat its client's submission: held until that comes
+                elif late is None:  # it beat its client's submission: held until that comes
                     self.early.hold(ident, [bid, status, n, meta], frames[start:pos],
                                     protocol.frame_digests(header, start, pos))
                 continue
@@ -180,7 +181,7 @@ class WorkerSide:
                 self.counts["duplicates"] += 1
                 continue
             if bid >= DIRECT_BIT:
-                self.early.finished(bid)
+                self.early.finished(bid, meta.get("dd", 0))
             holder = self.workers.get(unit.worker) if unit.worker else None
             if holder is not None:
                 holder.finish(bid)
