@@ -16,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import bench_tasks

@@ -11,7 +11,6 @@ import time
 import pytest
 import zmq
 
-import shoal
 from conftest import Gate, hold, running_cluster, wait_until
 from shoal import protocol
 from shoal.direct import DIRECT_BIT
