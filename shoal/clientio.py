@@ -45,8 +45,15 @@ BROKER_TIMEOUT = 10.0
 class ClientIO:
     """The socket, owned by the IO thread or lent to a leading thread (a mixin of Client)."""
 
-    def _post(self: "Client", command: tuple) -> None:
+    def _post(self: "Client", command: tuple, soon: bool = False) -> None:
+        """Queue ``command`` for the broker.  ``soon``: have it sent now even when no
+        thread leads (a map's feeder: its first batches should not wait the parked IO
+        thread's 5 ms recheck); a submit waits, as ``result()`` usually follows to send it."""
         self._commands.append(command)
+        if soon and self._io_parked and not self._leader_wanted:
+            with self._park:
+                self._park.notify()
+            return
         self._wake()
 
     def _wake(self: "Client") -> None:

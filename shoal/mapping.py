@@ -31,6 +31,9 @@ MIN_BATCH_SECONDS = 0.005
 #: batch gets a smaller share, so memory stays bounded however large the cluster.
 IN_FLIGHT_BYTES = 64 << 20
 MAX_BATCH = 100_000
+#: ``map()`` itself sends batches of known size for at most this long (then a feeder
+#: thread goes on), so a map that fits in its first window needs no thread.
+INLINE_FEED_SECONDS = 0.002
 #: A client remembers what the maps of this many functions measured: mapping one
 #: again starts from that (batches measure and adapt as ever) instead of a probe.
 REMEMBERED_FUNCTIONS = 256
@@ -128,8 +131,43 @@ class MapResult:
             known = client._map_measures.get(self._measure_key)
             if known is not None and batch_size is None:
                 self._per_item, self._result_bytes = known  # no probe: start from these
+        self._feeder: Optional[threading.Thread] = None
+        if self._feed_first_window():
+            return  # all of it is on its way: no feeder thread needed
         self._feeder = threading.Thread(target=self._feed, name="shoal-map-feeder", daemon=True)
         self._feeder.start()
+
+    def _feed_first_window(self) -> bool:
+        """Send the first window of batches from the calling thread when their sizes are
+        known (a fixed batch size, or measures of an earlier map of this function) and
+        the input is a sequence; True if that was all of it.
+
+        A feeder thread costs a start and, worse, the GIL: while it pickles, the
+        threads that would send and receive wait for it.  Past
+        :data:`INLINE_FEED_SECONDS` the feeder takes over, so ``map()`` returns soon.
+        """
+        if (self._iter is None or self.key is not None or self.total is None
+                or (self._per_item is None and not self._fixed_batch)):
+            return False
+        deadline = time.perf_counter() + INLINE_FEED_SECONDS
+        try:
+            while self._in_flight < self._window():
+                size = self._next_size()
+                items = list(itertools.islice(self._iter, size))
+                if items:
+                    self._send_batch(items)
+                if len(items) < size:
+                    break
+                if time.perf_counter() > deadline:
+                    return False
+            else:
+                return False  # more than a window: the feeder sends the rest
+        except BaseException as exc:  # an unpicklable item: raised where the map is read
+            self._feed_error = exc
+        with self._cond:
+            self._exhausted = True
+            self._cond.notify_all()
+        return True
 
     # -- feeding (its own thread, so a slow generator never blocks the IO thread)
     def _window(self) -> int:
@@ -272,7 +310,8 @@ class MapResult:
             meta["h"] = client._host
             client._segments[batch.key] = serialize.segment_names(meta)
         client._pending[batch.key] = batch
-        client._post((Kind.SUBMIT, batch.key, self._fn_digest, self._fn_payload, refs, frames, meta))
+        client._post((Kind.SUBMIT, batch.key, self._fn_digest, self._fn_payload, refs, frames, meta),
+                     soon=True)
 
     def split(self, batch: "_Batch") -> bool:
         """Rerun a batch whose worker died, one item per unit; False if it cannot be.
