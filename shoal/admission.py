@@ -95,6 +95,11 @@ class Admission:
         direct = header.get("dw")
         if direct is not None and not isinstance(direct, str):
             raise ValueError(f"malformed direct worker name {direct!r:.80}")
+        # The id base the client named them on: the broker's gives a new one to a client
+        # it forgot (it fell silent), which may send some on the old one meanwhile.
+        base = header.get("db", client.direct_base)
+        if direct is not None and (type(base) is not int or not 0 <= base < 1 << 28):
+            raise ValueError(f"malformed direct id base {base!r:.80}")
         done = header.get("do") if direct is not None else None  # outcomes it had already
         if done is not None and (not isinstance(done, list) or not all(
                 isinstance(d, list) and len(d) == 4 and type(d[0]) is int
@@ -109,7 +114,7 @@ class Admission:
                 raise ValueError(f"task {tid!r} names no function")
             if type(tid) is not int or not 0 < tid < (1 << 56 if direct is None else TID_MASK + 1):
                 raise ValueError(f"malformed task number {tid!r}")
-            bid = next(self._ids) if direct is None else direct_bid(client.direct_base, tid)
+            bid = next(self._ids) if direct is None else direct_bid(base, tid)
             unit = Unit(bid, ident, tid, refs, frames[pos:pos + n],
                         protocol.frame_digests(header, pos, pos + n), meta, queued_at=now,
                         key=task_key(client.cid, tid) if client.cid else b"")
@@ -142,7 +147,7 @@ class Admission:
                 self._warn_if_unrunnable(client, unit)
         self.counts["submitted"] += len(header["u"])
         if done:
-            self._reported_outcomes(client, direct, done, frames[pos:])
+            self._reported_outcomes(base, direct, done, frames[pos:])
 
     def _check_options(self: "Broker", unit: Unit) -> Optional[dict]:
         """Read a unit's task options; the metadata of its refusal if they are bad,

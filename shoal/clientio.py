@@ -308,12 +308,12 @@ class ClientIO:
         return True
 
     def _send_submit(self: "Client", sock, entries: list, objects: list, frames: list,
-                     direct: Optional[str] = None, done: list = ()) -> None:
+                     direct: Optional[tuple] = None, done: list = ()) -> None:
         fields = {"u": entries, "cid": self.cid}
         if objects:
             fields["ob"] = objects
-        if direct is not None:
-            fields["dw"] = direct
+        if direct is not None:  # handed to that worker, named on that id base
+            fields["dw"], fields["db"] = direct
         if done:
             fields["do"] = done
         self._send(sock, Kind.SUBMIT, fields, frames)
@@ -341,7 +341,8 @@ class ClientIO:
         # held a moment, to leave with others (see shoal.direct.NOTICE_SECONDS).
         if not self._noted:
             self._noted_due = time.monotonic() + NOTICE_SECONDS
-        entries, objects, frames = self._noted.setdefault(link.name, ([], [], []))
+        entries, objects, frames = self._noted.setdefault((link.name, self._direct.base),
+                                                          ([], [], []))
         if fn_digest not in self._sent_objects:
             self._sent_objects.add(fn_digest)
             objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
@@ -358,7 +359,7 @@ class ClientIO:
         noted, self._noted = self._noted, {}
         outcomes, self._noted_outcomes = self._noted_outcomes, {}
         self._noted_tids.clear()
-        for name, (entries, objects, frames) in noted.items():
+        for (name, base), (entries, objects, frames) in noted.items():
             done: list = []
             if outcomes:
                 frames = list(frames)
@@ -368,7 +369,7 @@ class ClientIO:
                         status, parts, meta = outcome
                         done.append([entry[0], status, len(parts), {**meta, "dd": CLIENT_COPY}])
                         frames.extend(parts)
-            self._send_submit(sock, entries, objects, frames, direct=name, done=done)
+            self._send_submit(sock, entries, objects, frames, direct=(name, base), done=done)
 
     def _receive_direct(self: "Client") -> None:
         for link in list(self._direct.links.values()):

@@ -54,7 +54,7 @@ class DirectUnits:
             self._on_results(ident, protocol.Message(Kind.RESULTS, header, frames))
         return True
 
-    def _reported_outcomes(self: "Broker", client: ClientRecord, name: str, done: list,
+    def _reported_outcomes(self: "Broker", base: int, name: str, done: list,
                            frames: list) -> None:
         """Outcomes of direct units that their client had before it told the broker of
         them (``do``, frames after the units'): settled now, so that client sees them
@@ -62,7 +62,7 @@ class DirectUnits:
         worker = self._worker_named(name)
         entries, kept, pos = [], [], 0
         for tid, status, n, meta in done:
-            bid = direct_bid(client.direct_base, tid)
+            bid = direct_bid(base, tid)
             unit = self.tasks.get(bid)
             # (One queued again, its worker gone before the broker heard of it, runs
             # again and settles then: it may not be taken from the queue here.)

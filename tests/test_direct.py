@@ -214,3 +214,41 @@ def test_a_client_of_a_curve_secured_broker_is_offered_no_direct_path(tmp_path):
         assert broker._direct_offer(record) == {}
     finally:
         broker._shutdown()
+
+
+MALFORMED_DIRECT_SUBMITS = {
+    "worker-name-not-a-string": {"dw": 5},
+    "id-base-not-an-int": {"dw": "w", "db": "nope"},
+    "id-base-too-large": {"dw": "w", "db": 1 << 40},
+    "outcomes-not-a-list": {"dw": "w", "db": 1, "do": "nonsense"},
+    "outcome-too-short": {"dw": "w", "db": 1, "do": [[1, "ok"]]},
+    "task-number-beyond-direct-ids": {"dw": "w", "db": 1,
+                                      "u": [[1 << 40, [b"d" * 16], 0, {}]]},
+}
+
+
+def test_malformed_direct_submissions_are_refused_by_name_and_the_broker_serves_on(cluster):
+    from shoal.security import read_connection_file
+    key = read_connection_file(cluster.connection_file).key
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.address)
+    session = protocol.Session()
+
+    def ask(kind, fields=None):
+        sock.send_multipart(protocol.encode(key, kind, fields, session=session))
+        assert sock.poll(10_000), f"no answer to {kind}"
+        return protocol.decode(key, sock.recv_multipart())
+
+    try:
+        broker_session = ask(Kind.CLIENT_HELLO, {"cid": b"c" * 8}).header["session"]
+        for name, fields in MALFORMED_DIRECT_SUBMITS.items():
+            fields = {"u": [], "cid": b"c" * 8, "bs": broker_session, **fields}
+            answer = ask(Kind.SUBMIT, fields)
+            assert answer.kind == Kind.ERROR and "malformed" in answer.header["msg"], name
+    finally:
+        sock.close()
+    with cluster.client() as client:
+        sent = direct_sent(client)
+        assert client.submit(inc, 1).result(timeout=10) == 2
+        assert direct_sent(client) - sent == 1
