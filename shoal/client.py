@@ -121,11 +121,12 @@ class Client(ClientIO, TaskQueueAPI):
         self._ctx = zmq.Context.instance()
         #: local workers a lone task may be handed to straight (shoal.direct)
         self._direct = DirectLinks(self._ctx, self._host, self.cid)
-        #: worker name -> (entries, objects, frames) of direct tasks the broker is yet to be told of
+        #: (worker name, id base) -> what the broker is yet to be told of the direct tasks
+        #: handed to that worker (see ClientIO._noted_group)
         self._noted: dict = {}
         self._noted_due = 0.0
-        self._noted_tids: set = set()
-        self._noted_outcomes: dict = {}  # tid -> (status, frames, meta) of noted tasks done
+        #: direct task id -> its (worker name, id base), until the broker has its outcome
+        self._direct_open: dict = {}
         self._thread = threading.Thread(target=self._io_loop, name="shoal-client-io", daemon=True)
         self._thread.start()
         self._post((Kind.CLIENT_HELLO,))

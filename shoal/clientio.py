@@ -339,48 +339,48 @@ class ClientIO:
         self._direct.sent += 1
         # The same submission for the broker, which records it as running there;
         # held a moment, to leave with others (see shoal.direct.NOTICE_SECONDS).
-        if not self._noted:
-            self._noted_due = time.monotonic() + NOTICE_SECONDS
-        entries, objects, frames = self._noted.setdefault((link.name, self._direct.base),
-                                                          ([], [], []))
+        group = (link.name, self._direct.base)
+        entries, objects, frames, _, _ = self._noted_group(group)
         if fn_digest not in self._sent_objects:
             self._sent_objects.add(fn_digest)
             objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
             frames.insert(len(objects) - 1, fn_payload)  # objects' frames come first
         entries.append([tid, [fn_digest], len(parts), meta])
         frames.extend(parts)
-        self._noted_tids.add(tid)
+        self._direct_open[tid] = group
         return True
+
+    def _noted_group(self: "Client", group: tuple) -> tuple:
+        """What the broker is yet to be told of one worker's direct tasks: ``(entries,
+        objects, frames, outcomes, their frames)``; the first noted starts the clock."""
+        if not self._noted:
+            self._noted_due = time.monotonic() + NOTICE_SECONDS
+        held = self._noted.get(group)
+        if held is None:
+            held = self._noted[group] = ([], [], [], [], [])
+        return held
 
     def _send_noted(self: "Client", sock) -> None:
         """Tell the broker of the tasks handed straight to workers since it was last told,
-        with the outcomes of those that are done (so it counts them done at once: this
-        client's next request sees them so)."""
+        and the outcomes this client has of them (so it counts them done at once: this
+        client's next request sees them so, however long they took)."""
         noted, self._noted = self._noted, {}
-        outcomes, self._noted_outcomes = self._noted_outcomes, {}
-        self._noted_tids.clear()
-        for (name, base), (entries, objects, frames) in noted.items():
-            done: list = []
-            if outcomes:
-                frames = list(frames)
-                for entry in entries:
-                    outcome = outcomes.get(entry[0])
-                    if outcome is not None:
-                        status, parts, meta = outcome
-                        done.append([entry[0], status, len(parts), {**meta, "dd": CLIENT_COPY}])
-                        frames.extend(parts)
-            self._send_submit(sock, entries, objects, frames, direct=(name, base), done=done)
+        for (name, base), (entries, objects, frames, done, done_frames) in noted.items():
+            self._send_submit(sock, entries, objects, frames + done_frames,
+                              direct=(name, base), done=done)
 
     def _receive_direct(self: "Client") -> None:
         for link in list(self._direct.links.values()):
             for msg in receive_results(link.sock, self._key, self._guard):
                 self._last_heard = time.monotonic()
-                if self._noted:  # the broker is yet to hear of some: it gets their outcomes
-                    pos = 0
-                    for tid, status, n, meta in msg.header["r"]:
-                        if tid in self._noted_tids:
-                            self._noted_outcomes[tid] = (status, msg.frames[pos:pos + n], meta)
-                        pos += n
+                pos = 0
+                for tid, status, n, meta in msg.header["r"]:
+                    group = self._direct_open.pop(tid, None)
+                    if group is not None:  # the broker gets this client's copy too
+                        held = self._noted_group(group)
+                        held[3].append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
+                        held[4].extend(msg.frames[pos:pos + n])
+                    pos += n
                 self._on_results(msg)
 
     def _receive(self: "Client", sock) -> None:
@@ -500,8 +500,7 @@ class ClientIO:
         self._sent_objects.clear()  # a new broker holds none of them
         self._direct.forget_objects()
         self._noted.clear()  # (their tasks fail below, with every other in flight)
-        self._noted_tids.clear()
-        self._noted_outcomes.clear()
+        self._direct_open.clear()
         lost = len(self._pending)
         error = BrokerLost(f"{why}; {lost} task(s) in flight were lost. Submit them again once "
                            "it is back (a keyed map resumes where it stopped).")
@@ -546,6 +545,8 @@ class ClientIO:
             part = frames[pos:pos + n]
             pos += n
             target = self._pending.pop(tid, None)
+            if self._direct_open:  # (a direct task bounced, or run again, by the broker)
+                self._direct_open.pop(tid, None)
             if self._asked or self._unacked:  # (a fetch by id; a durable broker's task)
                 self._asked.pop(tid, None)
                 self._unacked.pop(tid, None)

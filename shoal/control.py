@@ -229,6 +229,9 @@ class Control(threading.Thread):
                            bids)
             bids = []
         withdrawn = [bid for bid in bids if worker.waiting.pop(bid, None) is not None]
+        if worker.direct is not None:
+            for bid in withdrawn:  # (no result will take its route back to its client)
+                worker.direct.routes.pop(bid, None)
         interrupted = []
         if header.get("r", True):
             for bid in bids:
