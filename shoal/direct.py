@@ -9,9 +9,10 @@ worker die, and serves cancels, dependents and ``shoal status`` as usual), and
 the worker sends it the result too, marked as delivered (so it keeps it and
 settles dependents, but does not forward it).  Both copies wait up to
 :data:`NOTICE_SECONDS` to leave in batches (the client's before anything else it
-sends the broker, so the order of its messages holds).  A worker's result (or
-bounce) may reach the broker before the client's submission; it is held until
-the submission comes (:class:`Early`).
+sends the broker, so the order of its messages holds); the client's carries the
+outcomes it has by then, so its own next request sees them.  A worker's result
+(or bounce) may reach the broker before the client's submission; it is held
+until the submission comes (:class:`Early`).
 
 A worker that is busy when a direct task arrives *bounces* it: it tells the
 broker, which queues the unit as if it had been submitted the usual way.  So

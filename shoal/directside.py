@@ -6,6 +6,8 @@ Such a unit is recorded as running on its worker, never dispatched; its
 frames are kept, so it runs again elsewhere should that worker die.  A
 worker's result, retry or bounce of it may come before the client's
 submission does: it is held (:class:`~shoal.direct.Early`) and replayed then.
+Its outcome may come twice, from the worker and from the client that had it:
+the first settles it, the other is dropped (a third is a counted duplicate).
 """
 from __future__ import annotations
 
