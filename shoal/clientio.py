@@ -21,7 +21,8 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      TransferError)
-from .direct import CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, receive_results
+from .direct import (CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, ms_until,
+                     receive_results)
 from .futures import Future
 from .outcomes import settle
 from .protocol import SESSION_BOUND, FrameAltered, Kind, ProtocolError
@@ -40,6 +41,21 @@ _POLLIN = int(zmq.POLLIN)
 #: tasks in flight and heard nothing for ``broker_timeout`` (default 10 s).
 HEARTBEAT_SECONDS = 1.0
 BROKER_TIMEOUT = 10.0
+
+
+class _Noted:
+    """What the broker is yet to be told of the direct tasks handed to one worker: their
+    submission (objects, entries, frames) and the outcomes this client has of them."""
+
+    __slots__ = ("objects", "object_frames", "entries", "unit_frames", "done", "done_frames")
+
+    def __init__(self) -> None:
+        self.objects: list = []
+        self.object_frames: list = []
+        self.entries: list = []
+        self.unit_frames: list = []
+        self.done: list = []
+        self.done_frames: list = []
 
 
 class ClientIO:
@@ -113,11 +129,10 @@ class ClientIO:
                     if wait < 0:
                         return
                     if self._noted:
-                        remaining = self._noted_due - time.monotonic()
-                        if remaining <= 0:
+                        if time.monotonic() >= self._noted_due:
                             self._send_noted(sock)
                         else:
-                            wait = min(wait, 1 + int(remaining * 1000))
+                            wait = min(wait, ms_until(self._noted_due))
                     if version != direct.version:  # a direct link opened or closed
                         version = direct.version
                         items = [(sock, _POLLIN), (self._wake_r, _POLLIN)] + [
@@ -167,8 +182,8 @@ class ClientIO:
                     # wake-up byte: don't wait on the poll before sending them.
                     wait = 0 if self._commands else 250
                     if self._noted:
-                        wait = min(wait, 1 + int((self._noted_due - time.monotonic()) * 1000))
-                    for s, _ in poller.poll(max(0, wait)):
+                        wait = min(wait, ms_until(self._noted_due))
+                    for s, _ in poller.poll(wait):
                         if s is sock:
                             self._receive(sock)
                         elif s is watch.monitor:
@@ -258,10 +273,7 @@ class ClientIO:
                 if fn_digest is None:  # a task sent by name
                     entries.append([tid, refs, len(parts), meta])
                 else:
-                    if fn_digest not in self._sent_objects:
-                        self._sent_objects.add(fn_digest)
-                        objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
-                        frames.append(fn_payload)
+                    self._add_object(fn_digest, fn_payload, objects, frames)
                     entries.append([tid, [fn_digest, *refs], len(parts), meta])
                 unit_frames.extend(parts)
                 if len(entries) >= 4096:
@@ -340,24 +352,28 @@ class ClientIO:
         # The same submission for the broker, which records it as running there;
         # held a moment, to leave with others (see shoal.direct.NOTICE_SECONDS).
         group = (link.name, self._direct.base)
-        entries, objects, frames, _, _ = self._noted_group(group)
-        if fn_digest not in self._sent_objects:
-            self._sent_objects.add(fn_digest)
-            objects.append([fn_digest, 1, self._fn_names.get(fn_digest, "")])
-            frames.insert(len(objects) - 1, fn_payload)  # objects' frames come first
-        entries.append([tid, [fn_digest], len(parts), meta])
-        frames.extend(parts)
+        held = self._noted_group(group)
+        self._add_object(fn_digest, fn_payload, held.objects, held.object_frames)
+        held.entries.append([tid, [fn_digest], len(parts), meta])
+        held.unit_frames.extend(parts)
         self._direct_open[tid] = group
         return True
 
-    def _noted_group(self: "Client", group: tuple) -> tuple:
-        """What the broker is yet to be told of one worker's direct tasks: ``(entries,
-        objects, frames, outcomes, their frames)``; the first noted starts the clock."""
+    def _add_object(self: "Client", digest: bytes, payload, objects: list, frames: list) -> None:
+        """Put a function the broker does not hold yet into a submission's objects."""
+        if digest not in self._sent_objects:
+            self._sent_objects.add(digest)
+            objects.append([digest, 1, self._fn_names.get(digest, "")])
+            frames.append(payload)
+
+    def _noted_group(self: "Client", group: tuple) -> "_Noted":
+        """What the broker is yet to be told of one worker's direct tasks (the first
+        thing noted starts the clock: see shoal.direct.NOTICE_SECONDS)."""
         if not self._noted:
             self._noted_due = time.monotonic() + NOTICE_SECONDS
         held = self._noted.get(group)
         if held is None:
-            held = self._noted[group] = ([], [], [], [], [])
+            held = self._noted[group] = _Noted()
         return held
 
     def _send_noted(self: "Client", sock) -> None:
@@ -365,9 +381,10 @@ class ClientIO:
         and the outcomes this client has of them (so it counts them done at once: this
         client's next request sees them so, however long they took)."""
         noted, self._noted = self._noted, {}
-        for (name, base), (entries, objects, frames, done, done_frames) in noted.items():
-            self._send_submit(sock, entries, objects, frames + done_frames,
-                              direct=(name, base), done=done)
+        for (name, base), held in noted.items():
+            self._send_submit(sock, held.entries, held.objects,
+                              held.object_frames + held.unit_frames + held.done_frames,
+                              direct=(name, base), done=held.done)
 
     def _receive_direct(self: "Client") -> None:
         for link in list(self._direct.links.values()):
@@ -378,8 +395,8 @@ class ClientIO:
                     group = self._direct_open.pop(tid, None)
                     if group is not None:  # the broker gets this client's copy too
                         held = self._noted_group(group)
-                        held[3].append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
-                        held[4].extend(msg.frames[pos:pos + n])
+                        held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
+                        held.done_frames.extend(msg.frames[pos:pos + n])
                     pos += n
                 self._on_results(msg)
 

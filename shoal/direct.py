@@ -72,6 +72,11 @@ FINISHED_KEPT = 50_000
 WORKER_COPY, CLIENT_COPY = 1, 2
 
 
+def ms_until(due: float) -> int:
+    """Milliseconds to wait for a poll to end by monotonic time ``due`` (0 once it is past)."""
+    return max(0, 1 + int((due - time.monotonic()) * 1000))
+
+
 def direct_bid(base: int, tid: int) -> int:
     """The unit id of a client's task ``tid`` handed direct (``base`` from the broker)."""
     return DIRECT_BIT | (base << TID_BITS) | tid

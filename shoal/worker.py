@@ -30,7 +30,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize, tasks
 from .capture import OutputRouter
 from .control import Control, Interrupted
-from .direct import NOTICE_SECONDS, WORKER_COPY, DirectInbox, is_direct
+from .direct import NOTICE_SECONDS, WORKER_COPY, DirectInbox, is_direct, ms_until
 from .errors import TransferError
 from .execution import MAX_RESULT_SIZE, Backlog, Execution, encode_exception
 from .objects import ObjectStore
@@ -519,9 +519,7 @@ class Worker(Execution):
 
     def _noted_wait(self) -> int:
         """Milliseconds to wait for work: until the held copies for the broker are due."""
-        if not self._noted:
-            return 250
-        return max(0, 1 + int((self._noted_due - time.monotonic()) * 1000))
+        return ms_until(self._noted_due) if self._noted else 250
 
     def _send_noted(self) -> None:
         """Send the broker the direct units' results it has not been sent yet."""

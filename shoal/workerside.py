@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from . import protocol
-from .direct import DIRECT_BIT, is_direct
+from .direct import is_direct
 from .protocol import Kind, identity_field
 from .records import DEFAULT_QUEUE, QUEUED, RUNNING, WorkerRecord
 from .routing import parse_resources
@@ -180,8 +180,10 @@ class WorkerSide:
             if unit is None:
                 self.counts["duplicates"] += 1
                 continue
-            if bid >= DIRECT_BIT:
-                self.early.finished(bid, meta.get("dd", 0))
+            # A copy its client has (from the worker, or the client's own): kept, not sent on.
+            delivered = meta.pop("dd", 0)
+            if is_direct(bid):
+                self.early.finished(bid, delivered)
             holder = self.workers.get(unit.worker) if unit.worker else None
             if holder is not None:
                 holder.finish(bid)
@@ -198,7 +200,6 @@ class WorkerSide:
             meta["w"] = worker.name if worker is not None else "a worker no longer registered"
             unit_frames = frames[start:start + n]
             unit_digests = protocol.frame_digests(header, start, start + n)
-            delivered = meta.pop("dd", None)  # its client has it, straight from the worker
             self._keep_result(unit, status, unit_frames, meta, unit_digests)
             settled.append((unit, status, unit_frames, meta, unit_digests))
             if delivered:
