@@ -10,10 +10,6 @@ PREFETCH_SECONDS = 0.004
 #: ... and at most this many units per slot (tiny tasks cost more to handle than to run:
 #: 64 left a 2-worker cluster idle for a round trip every 64 trivial tasks).
 MAX_PREFETCH = 256
-#: A worker whose units take up to this long gets one unit ahead per slot even when
-#: PREFETCH_SECONDS buys none: waiting behind one such unit costs little, while
-#: fetching each one only after the last left it idle ~1 ms between map batches.
-PREFETCH_ONE_SECONDS = 0.1
 
 QUEUED, RUNNING, PARKED = "queued", "running", "parked"
 #: Waiting for the futures it takes as arguments; for its time (delay, at, a
@@ -91,10 +87,7 @@ class WorkerRecord:
     def prefetch(self) -> int:
         if self.mean_time is None:
             return 0
-        ahead = min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(self.mean_time, 1e-6)))
-        if not ahead and self.mean_time <= PREFETCH_ONE_SECONDS:
-            ahead = 1
-        return ahead * self.slots
+        return min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(self.mean_time, 1e-6))) * self.slots
 
     @property
     def capacity(self) -> int:
