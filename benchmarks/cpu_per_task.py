@@ -41,27 +41,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def cluster_processes() -> dict:
-    """``{pid: "broker" | "worker"}`` for this process's children."""
-    roles = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline") as f:
-                command = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        if parent == os.getpid():
-            roles[int(entry)] = "broker" if "shoal.broker" in command else "worker"
+def cluster_processes(cluster: "shoal.Cluster") -> dict:
+    """``{pid: "broker" | "worker"}`` for the cluster's processes."""
+    roles = {proc.pid: "worker" for proc in cluster.workers}
+    roles[cluster.broker.pid] = "broker"
     return roles
 
 
-def measure(workload: Callable[[], None], tasks: int) -> dict:
+def measure(cluster: "shoal.Cluster", workload: Callable[[], None], tasks: int) -> dict:
     """Wall rate and µs of CPU per task, per role, while ``workload()`` runs ``tasks`` tasks."""
-    roles = cluster_processes()
+    roles = cluster_processes(cluster)
     before = {pid: cpu_seconds(pid) for pid in roles}
     client_before = time.process_time()
     start = time.perf_counter()
@@ -89,8 +78,8 @@ def run(quick: bool, workers: int) -> dict:
             for i in range(trips):
                 assert client.submit(inc, i).result() == i + 1
 
-        return {"workers": workers, "submit": measure(submits, bursts * burst),
-                "round trip": measure(round_trips, trips)}
+        return {"workers": workers, "submit": measure(cluster, submits, bursts * burst),
+                "round trip": measure(cluster, round_trips, trips)}
 
 
 def report(results: dict) -> str:

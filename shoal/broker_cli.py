@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -24,7 +25,9 @@ logger = logging.getLogger("shoal.broker")
 BROKER_GC_THRESHOLDS = (5000, 10, 10)
 
 
-def main(argv: Optional[list] = None) -> int:
+@functools.lru_cache(maxsize=None)
+def options_parser() -> argparse.ArgumentParser:
+    """The ``shoal broker`` options (built once: a forked broker reuses its parent's)."""
     parser = argparse.ArgumentParser(prog="shoal broker", description="Run a shoal broker.")
     parser.add_argument("--listen", default="127.0.0.1:0",
                         help="address to bind (default 127.0.0.1 and a free port)")
@@ -61,6 +64,11 @@ def main(argv: Optional[list] = None) -> int:
                         help="results kept in memory at most (default 128 MiB, oldest dropped "
                              "first); with --store all stay on disk until the TTL")
     parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = options_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s broker %(levelname)s %(message)s", stream=sys.stderr)

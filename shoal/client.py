@@ -118,7 +118,9 @@ class Client(ClientIO, TaskQueueAPI):
         self.slots = 0
         self.hosts: list = []
         self._no_workers_since: Optional[float] = None
-        self._ctx = zmq.Context.instance()
+        # Its own context, ended on close, so a closed client leaves no libzmq
+        # threads behind (a process without threads can fork its next cluster).
+        self._ctx = zmq.Context()
         #: local workers a lone task may be handed to straight (shoal.direct)
         self._direct = DirectLinks(self._ctx, self._host, self.cid)
         #: (worker name, id base) -> what the broker is yet to be told of the direct tasks
@@ -404,6 +406,8 @@ class Client(ClientIO, TaskQueueAPI):
             self._events = None
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
+        if not self._thread.is_alive():  # its sockets are closed: this returns at once
+            self._ctx.term()             # (or once their last messages left, 0.5 s at most)
         os.close(self._wake_r)
         os.close(self._wake_w)
         for tid in list(self._pending):

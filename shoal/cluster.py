@@ -17,6 +17,7 @@ import time
 import weakref
 from typing import Any, Optional
 
+from . import launch
 from .client import Client
 from .security import is_loopback, new_key, read_connection_file, runtime_dir, write_private
 
@@ -49,6 +50,15 @@ class Cluster:
     every worker (as ``shoal worker --queues``, ``--resources``, ``--import``,
     ``--registered-only``); :meth:`add_workers` starts differently equipped
     ones beside them.
+
+    ``start_method`` is how the broker and the first workers start: ``"fork"``
+    copies this process (a few milliseconds; the children share what it has
+    imported), ``"spawn"`` starts fresh interpreters (~0.1-0.2 s).  The default,
+    ``"auto"``, forks where that is safe: on Linux, from a process with one
+    thread (a script; not a notebook kernel, whose threads a fork would leave
+    holding their locks).  Workers started later (replacements, :meth:`scale`,
+    :meth:`add_workers`) are always spawned, since the cluster's client thread
+    runs by then.
     """
 
     def __init__(self, n_workers: Optional[int] = None, slots: int = 1,
@@ -57,7 +67,9 @@ class Cluster:
                  allowed_failures: int = 3, max_result_size: Optional[int] = None,
                  queues: Optional[list] = None, resources: Any = None,
                  imports: Optional[list] = None, registered_only: bool = False,
-                 store: Optional[str] = None) -> None:
+                 store: Optional[str] = None, start_method: str = "auto") -> None:
+        #: "fork" or "spawn": how the broker and first workers were started
+        self.start_method = launch.choose(start_method)
         if n_workers is None:
             n_workers = os.cpu_count() or 1
         if n_workers < 0:
@@ -76,7 +88,7 @@ class Cluster:
         self._options: dict[int, list] = {}  # worker pid -> its own options (kept on restart)
         self.log_dir = runtime_dir() / f"cluster-{os.getpid()}-{id(self):x}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._workers: list[subprocess.Popen] = []
+        self._workers: list = []  # subprocess.Popen or launch.Forked
         self._names: dict[int, str] = {}  # worker pid -> name
         #: replace a local worker that dies (and tell the broker at once)
         self.restart = restart
@@ -86,7 +98,7 @@ class Cluster:
         self._closed = False
         self._lock = threading.RLock()
         self._worker_seq = 0
-        self.broker: Optional[subprocess.Popen] = None
+        self.broker: Any = None  # subprocess.Popen or launch.Forked
         _live.add(self)
         try:
             self._key_file = self.log_dir / "cluster.key"
@@ -112,16 +124,28 @@ class Cluster:
             # Choose the key and IPC endpoint here, so the workers can start while
             # the broker does (they retry the connection every 10 ms until it binds).
             "--key-file", str(self._key_file), "--ipc-path", str(self._ipc_path)]
+        argv = ["--listen", listen, "--connection-file", str(path), "--parent-pid",
+                str(os.getpid()), "--log-level", self.log_level, "--allowed-failures",
+                str(self.allowed_failures), *local, *(["--store", self.store] if self.store else [])]
+        forking = self.start_method == "fork"
         with self._log("broker") as log:
-            self.broker = subprocess.Popen(
-                _python_command("shoal.broker", "--listen", listen, "--connection-file", str(path),
-                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
-                                "--allowed-failures", str(self.allowed_failures), *local,
-                                *(["--store", self.store] if self.store else [])),
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+            if forking:
+                from .broker_cli import main, options_parser
+                options_parser()  # built here once, not in every child
+                readable, writable = os.pipe()
+                try:
+                    self.broker = launch.fork(main, argv, name="shoal-broker", stdout_fd=writable,
+                                              stderr_fd=log.fileno(), close_fds=[readable])
+                finally:
+                    os.close(writable)
+                self.broker.stdout = os.fdopen(readable, "rb")
+            else:
+                self.broker = subprocess.Popen(
+                    _python_command("shoal.broker", *argv), stdout=subprocess.PIPE, stderr=log,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
         if local:
             self._worker_target = [f"ipc://{self._ipc_path}", "--key-file", str(self._key_file)]
+        if local and not forking:
             self._workers.extend(self._start_worker() for _ in range(n_workers))
         line = _read_line(self.broker, self.timeout)
         if not line.startswith("SHOAL-BROKER "):
@@ -131,9 +155,11 @@ class Cluster:
         self.info = read_connection_file(self.connection_file)
         if not local:
             self._worker_target = ["--connection-file", self.connection_file]
+        if forking:  # the broker listens now: forked workers connect at the first try
+            self._workers.extend(self._start_worker(fork=True) for _ in range(n_workers))
 
-    def _start_worker(self, options: Optional[list] = None,
-                      name: Optional[str] = None) -> subprocess.Popen:
+    def _start_worker(self, options: Optional[list] = None, name: Optional[str] = None,
+                      fork: bool = False) -> Any:
         if name is None:
             self._worker_seq += 1
             name = f"local-{self._worker_seq}"
@@ -143,12 +169,18 @@ class Cluster:
                                                          str(self.max_result_size)]
         if "--slots" not in options:
             extra += ["--slots", str(self.slots)]
+        argv = [*self._worker_target, "--name", name, "--parent-pid", str(os.getpid()),
+                "--log-level", self.log_level, *extra, *options]
         with self._log(name) as log:
-            proc = subprocess.Popen(
-                _python_command("shoal.worker", *self._worker_target, "--name", name,
-                                "--parent-pid", str(os.getpid()), "--log-level", self.log_level,
-                                *extra, *options),
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            if fork:
+                from .worker import main, options_parser
+                options_parser()
+                proc = launch.fork(main, argv, name="shoal-worker", stdout_fd=log.fileno(),
+                                   stderr_fd=log.fileno(), close_fds=[self.broker.stdout.fileno()])
+            else:
+                proc = subprocess.Popen(_python_command("shoal.worker", *argv), stdout=log,
+                                        stderr=log, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
         self._names[proc.pid] = name
         self._options[proc.pid] = options
         return proc
@@ -221,7 +253,7 @@ class Cluster:
         with self._lock:
             self._check_open()
             self._workers = [p for p in self._workers if p.poll() is None]
-            while len(self._workers) < n:
+            while len(self._workers) < n:  # spawned: this process has threads now
                 self._workers.append(self._start_worker())
             surplus = self._workers[n:]
             self._workers = self._workers[:n]
@@ -234,6 +266,7 @@ class Cluster:
 
     def _wait_for(self, n: int) -> None:
         deadline = time.monotonic() + self.timeout
+        pause = 0.001  # forked workers register within milliseconds; spawned ones take ~0.1 s
         while True:
             state = self._client.status(timeout=max(0.1, deadline - time.monotonic()))
             if state["workers"] == n:
@@ -245,7 +278,8 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"{state['workers']} of {n} workers registered within "
                                    f"{self.timeout:g} s; see the logs in {self.log_dir}")
-            time.sleep(0.01)  # polling the broker with a deadline
+            time.sleep(pause)  # polling the broker with a deadline
+            pause = min(pause * 2, 0.01)
 
     # ------------------------------------------------------------ public
     def client(self, **kwargs) -> Client:

@@ -12,6 +12,7 @@ Run it with ``shoal worker tcp://HOST:PORT`` or ``shoal worker --connection-file
 from __future__ import annotations
 
 import argparse
+import functools
 import faulthandler
 import logging
 import os
@@ -531,7 +532,9 @@ class Worker(Execution):
         self._send(Kind.RESULTS, {"r": entries}, frames)
 
 
-def main(argv: Optional[list] = None) -> int:
+@functools.lru_cache(maxsize=None)
+def options_parser() -> argparse.ArgumentParser:
+    """The ``shoal worker`` options (built once: a forked worker reuses its parent's)."""
     parser = argparse.ArgumentParser(prog="shoal worker", description="Run a shoal worker.")
     parser.add_argument("address", nargs="?", help="broker address, tcp://HOST:PORT")
     parser.add_argument("--connection-file", help="connection file written by the broker")
@@ -557,6 +560,11 @@ def main(argv: Optional[list] = None) -> int:
                         help="largest result in bytes a task may return (default 1 GiB)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = options_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s worker %(levelname)s %(message)s", stream=sys.stderr)

@@ -25,6 +25,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import shoal  # noqa: E402
 
 SHM_DIR = "/dev/shm"
+FORKED_NAMES = ("shoal-worker", "shoal-broker")  # a forked child's process name
 
 
 # ----------------------------------------------------------------- helpers
@@ -41,16 +42,20 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, message
 
 
 def shoal_children() -> list:
-    """Descendant processes of this test process running a shoal broker or worker."""
+    """Descendant processes of this test process running a shoal broker or worker.
+
+    Spawned ones say so in their command line; forked ones in their name.
+    """
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(proc.cmdline())
+            name = proc.name()
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if "shoal.worker" in cmd or "shoal.broker" in cmd:
+        if "shoal.worker" in cmd or "shoal.broker" in cmd or name in FORKED_NAMES:
             found.append(proc)
     return found
 

@@ -22,6 +22,8 @@ import pytest
 
 from shoal.security import ConnectionInfo, new_key, write_connection_file
 
+from conftest import FORKED_NAMES
+
 SHOAL = [sys.executable, "-m", "shoal"]
 
 
@@ -74,11 +76,14 @@ def alive(procs) -> list:
 
 
 def processes_started_by(pid: int) -> list:
-    """Live shoal brokers and workers whose command line names ``pid`` as their parent."""
+    """Live shoal brokers and workers started by ``pid``: spawned ones name it in their
+    command line, forked ones are its children by a shoal process name."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "name", "ppid"]):
         cmd = " ".join(p.info["cmdline"] or ())
         if ("shoal.worker" in cmd or "shoal.broker" in cmd) and f"--parent-pid {pid} " in cmd + " ":
+            found.append(p)
+        elif p.info["name"] in FORKED_NAMES and p.info["ppid"] == pid:
             found.append(p)
     return alive(found)
 

@@ -156,7 +156,8 @@ KILLED_PARENT = textwrap.dedent("""
     import sys
     import shoal
 
-    cluster = shoal.Cluster(n_workers=2)
+    cluster = shoal.Cluster(n_workers=2, start_method=sys.argv[1])
+    assert cluster.start_method == sys.argv[1]
     assert cluster.client().submit(pow, 2, 2).result(timeout=30) == 4
     print(cluster.broker.pid, *[p.pid for p in cluster.workers], flush=True)
     sys.stdin.read()  # until the test kills this process
@@ -164,10 +165,11 @@ KILLED_PARENT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-def test_children_exit_when_the_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_children_exit_when_the_parent_is_killed(tmp_path, start_method):
     script = tmp_path / "parent.py"
     script.write_text(KILLED_PARENT)
-    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+    parent = subprocess.Popen([sys.executable, str(script), start_method], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids: set = set()
     try:
@@ -206,3 +208,105 @@ def test_children_exit_when_the_parent_exits_without_closing(tmp_path):
     pids = {int(p) for p in done.stdout.split()}
     assert len(pids) == 2
     wait_until(lambda: pids_gone(pids), 15, message="the broker and worker to exit")
+
+
+# ----------------------------------------------------------------- how children start
+FORKING_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    import psutil
+    import shoal
+    from shoal import launch
+
+    def run_in_worker():
+        print("hello from", os.getpid())
+        return os.getpid(), sys.argv
+
+    report = {}
+    cluster = shoal.Cluster(n_workers=2)
+    client = cluster.client()
+    pids = {p.pid for p in cluster.workers}
+    future = client.submit(run_in_worker)
+    pid, argv = future.result(timeout=30)
+    report["first"] = {
+        "start_method": cluster.start_method,
+        "names": sorted(psutil.Process(p.pid).name() for p in cluster.workers + [cluster.broker]),
+        "ran_on_a_worker": pid in pids, "worker_argv_is_ours": argv == sys.argv,
+        "output": future.stdout,
+        "log_says_registered": all(
+            "registered with the broker" in open(cluster.log_dir / f"local-{i}.log").read()
+            for i in (1, 2)),
+    }
+    # A replacement starts from the monitor thread, so it is spawned, and serves.
+    victim = cluster.workers[0]
+    victim.kill()
+    victim.wait(10)
+    deadline = __import__("time").monotonic() + 30
+    while len(cluster.workers) < 2 or cluster.status()["workers"] < 2:
+        assert __import__("time").monotonic() < deadline, "no replacement worker"
+        __import__("time").sleep(0.01)  # polling with a deadline
+    report["replacement"] = type(cluster.workers[-1]).__name__
+    report["after_replacement"] = client.map(abs, range(-50, 0)).result(timeout=30)[:3]
+    cluster.close()
+    report["threads_after_close"] = launch.thread_count()
+    with shoal.Cluster(n_workers=1) as again:
+        report["second"] = again.start_method
+        report["second_result"] = again.client().submit(pow, 3, 3).result(timeout=30)
+    print(json.dumps(report))
+""")
+
+
+def test_a_script_forks_its_cluster_and_later_workers_are_spawned(tmp_path):
+    script = tmp_path / "forking.py"
+    script.write_text(FORKING_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), "an-argument"], capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    first = report["first"]
+    assert first["start_method"] == "fork"
+    assert first["names"] == ["shoal-broker", "shoal-worker", "shoal-worker"]
+    assert first["ran_on_a_worker"] and first["worker_argv_is_ours"]
+    assert first["log_says_registered"]  # the child's logging went to its own log file
+    assert first["output"].startswith("hello from")  # the task's output came back
+    assert report["replacement"] == "Popen"
+    assert report["after_replacement"] == [50, 49, 48]
+    assert report["threads_after_close"] == 1  # closed clients leave no libzmq threads
+    assert report["second"] == "fork" and report["second_result"] == 27
+
+
+def test_a_process_with_threads_spawns_its_cluster():
+    import threading
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        with shoal.Cluster(n_workers=1) as cluster:
+            assert cluster.start_method == "spawn"
+            assert cluster.client().submit(pow, 2, 5).result(timeout=30) == 32
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_a_bad_start_method_is_refused_before_anything_starts():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="start_method must be one of auto, fork, spawn, "
+                                         "not 'forkserver'"):
+        shoal.Cluster(n_workers=1, start_method="forkserver")
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_forcing_fork_in_a_process_with_threads_warns():
+    import threading
+    from shoal import launch
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        with pytest.warns(RuntimeWarning, match="start_method='fork' in a process with"):
+            assert launch.choose("fork") == "fork"
+        assert launch.choose("auto") == "spawn"
+    finally:
+        stop.set()
+        thread.join(5)
