@@ -293,7 +293,8 @@ class Future(cf.Future):
         A queued task (at the broker, or prefetched by a worker) is withdrawn;
         a running one is interrupted: an exception is raised inside it (a
         blocking ``time.sleep`` included) and its worker goes on serving.
-        Returns False once the result has arrived.
+        Returns False once the result has arrived, and for one item of a map
+        (it shares a batch with others: ``MapResult.cancel()`` cancels them all).
         """
         with self._condition:
             if self._state == "FINISHED":
@@ -302,6 +303,8 @@ class Future(cf.Future):
                 return True
         if self._client is None:
             return self._cancel_locally()
+        if self._item is not None:
+            return False  # one item of a map's batch is not withdrawn alone: cancel the map
         if self.key in self._client._cancel_keys([self.key]):
             return self._cancel_locally()
         # Its result may have overtaken the answer: an interrupted task reports

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 #: A map batch is sized to take about this long on a worker ...
 TARGET_BATCH_SECONDS = 0.05
+#: ... or longer while much of a map remains: a quarter of a slot's share of what
+#: is left, up to this long.  Each batch costs its worker ~0.5 ms between two
+#: (results out, the next one in); on 2 cores, 2,000 x 5 ms in 50 ms batches lost 1.7%.
+MAX_BATCH_SECONDS = 0.5
 #: ... and to carry at most about this many bytes of results (or of inputs), measured
 #: per item, so large values do not make batches of hundreds of megabytes.
 TARGET_BATCH_BYTES = 4 << 20
@@ -182,7 +186,9 @@ class MapResult:
         per_item = max(self._per_item, 1e-7)
         size = int(TARGET_BATCH_SECONDS / per_item)
         if self.total is not None:
-            balanced = -(-(self.total - self._submitted) // (2 * slots))
+            remaining = self.total - self._submitted
+            size = max(size, min(remaining // (2 * slots), int(MAX_BATCH_SECONDS / per_item)))
+            balanced = -(-remaining // (2 * slots))
             smallest = min(int(MIN_BATCH_SECONDS / per_item), -(-self.total // slots))
             size = min(size, max(balanced, smallest))
         per_item_bytes = max(self._result_bytes or 0.0, self._input_bytes or 0.0)
@@ -575,7 +581,7 @@ def _combine(subs: list) -> tuple:
 def _settle_items(batch: _Batch, items: list) -> None:
     if batch.cancelled():
         for f in items:
-            f.cancel()
+            f._cancel_locally()  # (the broker knows the batch, not its items)
         return
     exc = batch.exception()
     if exc is not None:

@@ -2,6 +2,7 @@
 cancelling tasks, the cluster's status, and re-attaching to keyed maps."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -12,6 +13,8 @@ from .routing import unrunnable
 
 if TYPE_CHECKING:
     from .broker import Broker
+
+logger = logging.getLogger("shoal.broker")
 
 
 class Requests:
@@ -25,7 +28,13 @@ class Requests:
         request = CancelRequest(ident, header.get("rq"), time.monotonic())
         running_too = bool(header.get("r", True))
         forward: dict[bytes, list] = {}
-        for tid in header["t"]:
+        tids = header.get("t")
+        if not isinstance(tids, list) or not all(type(tid) is int for tid in tids):
+            # Answered as naming no task, so the client is not left waiting.
+            logger.warning("a cancel request naming %.80r (not a list of task numbers) from %s: "
+                           "answered as naming none", tids, ident.hex())
+            tids = []
+        for tid in tids:
             bid = client.tasks.get(tid)
             unit = self.tasks.get(bid) if bid is not None else None
             if unit is None:

@@ -115,11 +115,14 @@ class TaskQueue:
             self._order.remove(key)
 
     def take(self, worker: WorkerRecord, n: int,
-             admit: Optional[Callable[[Unit], bool]] = None) -> list:
+             admit: Optional[Callable[[Unit], bool]] = None,
+             only: Optional[Callable[[Unit], bool]] = None) -> list:
         """Up to ``n`` units ``worker`` may run now, in dispatch order.
 
         ``admit(unit)`` is asked last, about a unit this worker could take;
         False means the unit was held elsewhere (a rate limit) and leaves the lane.
+        With ``only``, taking stops at the first unit this worker could take
+        that ``only(unit)`` refuses: nothing is taken from behind it.
         """
         if worker.alone is not None:
             if worker.alone in worker.running:
@@ -133,8 +136,8 @@ class TaskQueue:
             if key[1] not in queues:
                 continue
             lane = self.lanes[key]
-            if self._take_from(lane, worker, n - len(taken), taken, admit):
-                break  # a suspect was taken: it runs alone
+            if self._take_from(lane, worker, n - len(taken), taken, admit, only):
+                break  # a suspect was taken (it runs alone), or ``only`` refused one
             emptied = emptied or not lane
             if len(taken) >= n:
                 break
@@ -144,8 +147,10 @@ class TaskQueue:
 
     @staticmethod
     def _take_from(lane: deque, worker: WorkerRecord, n: int, taken: list,
-                   admit: Optional[Callable[[Unit], bool]]) -> bool:
-        """Move up to ``n`` units from ``lane`` to ``taken``; True if one was a suspect."""
+                   admit: Optional[Callable[[Unit], bool]],
+                   only: Optional[Callable[[Unit], bool]] = None) -> bool:
+        """Move up to ``n`` units from ``lane`` to ``taken``; True if one was a suspect,
+        or ``only`` refused one (the caller then stops)."""
         skipped = []
         scanned = 0
         wanted = len(taken) + n
@@ -170,6 +175,10 @@ class TaskQueue:
             if worker.registered_only and not worker.accepts(unit):
                 skipped.append(unit)  # pickled code, or a task it does not have
                 continue
+            if only is not None and (unit.suspect or not only(unit)):
+                skipped.append(unit)
+                alone = True  # (stop: nothing behind it is taken)
+                break
             if unit.suspect:
                 if taken or worker.running:
                     skipped.append(unit)  # a suspect runs alone on an idle worker

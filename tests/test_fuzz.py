@@ -344,6 +344,20 @@ def test_broker_survives_signed_worker_hello_whose_identity_is_not_bytes(lone_br
         peer.close()
 
 
+def test_a_cancel_naming_what_is_not_task_numbers_is_answered_as_naming_none(lone_broker):
+    peer = RawPeer(lone_broker.address, lone_broker.info.key)
+    try:
+        peer.hello()
+        for rq, named in enumerate(([[7, 0]], "all", [1.5], {"t": 1}), start=1):
+            peer.send(peer.encode(Kind.CANCEL, {"bs": peer.bs, "t": named, "rq": rq, "r": True}))
+            answer, _ = peer.wait_for(Kind.CANCELLED)
+            assert answer.header["rq"] == rq and answer.header["t"] == []
+        state, _ = peer.status(timeout=5)
+        assert lone_broker.proc.poll() is None and state["clients"] >= 1
+    finally:
+        peer.close()
+
+
 def test_a_task_whose_large_frame_was_altered_does_not_block_the_worker(tmp_path):
     """The broker routes large frames unhashed (by design); the worker finds the altered
     one, runs and unpickles nothing of it, and fails the task at once, so its one slot

@@ -4,12 +4,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import os
+import time
 
 import pytest
 
 import shoal
 
-from conftest import wait_for_gate
+from conftest import Gate, hold, running_cluster, wait_for_gate, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,3 +213,39 @@ def test_a_map_of_a_function_mapped_before_starts_from_its_measures_without_a_pr
         assert fixed.result(timeout=30)[-1] == 297 and other.result(timeout=30)[-1] == 100
         assert fixed.batches[0].count == 7
         assert other.batches[0].count == 1
+
+
+# ----------------------------------------------------------------- a batch ahead
+def held_item(x, gate_path: str, started_dir: str):
+    hold(gate_path, started_dir)
+    return x
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_busy_with_a_map_batch_gets_the_next_ahead_and_cancelling_withdraws_it(
+        tmp_path):
+    gate = Gate(tmp_path / "gate")
+    with running_cluster(n_workers=1) as cluster:
+        client = cluster.client()
+        # ~20 ms units: too long for the time-based prefetch, short enough for a batch ahead.
+        client.map(time.sleep, [0.02] * 5, batch_size=1).result(timeout=30)
+        try:
+            res = client.map(held_item, range(6), [gate.path] * 6, [gate.started_dir] * 6,
+                             batch_size=1)
+            wait_until(lambda: gate.started() == 1, 20, message="the first batch to start")
+            wait_until(lambda: client.status()["worker_list"][0]["running"] == 2, 20,
+                       message="the worker to hold the next batch ahead")
+            state = client.status()
+            assert state["worker_list"][0]["running"] == 2 and state["queued"] >= 1
+            # A lone task is never sent ahead: it waits at the broker, where a cancel
+            # withdraws it at once (the worker is busy).
+            lone = client.submit(abs, -1, priority=5)
+            assert lone.cancel() and lone.cancelled()
+            res.cancel()  # the running batch is interrupted, the one ahead withdrawn
+            wait_until(lambda: all(f.done() for f in res.futures), 20,
+                       message="every batch of the cancelled map to settle")
+            assert all(f.cancelled() for f in res.futures)
+        finally:
+            gate.open()
+        assert client.submit(abs, -3).result(timeout=20) == 3
+        assert gate.started() == 1  # the batch ahead never ran
