@@ -122,7 +122,7 @@ class Client(ClientIO, TaskQueueAPI):
         # threads behind (a process without threads can fork its next cluster).
         self._ctx = zmq.Context()
         #: local workers a lone task may be handed to straight (shoal.direct)
-        self._direct = DirectLinks(self._ctx, self._host, self.cid)
+        self._direct = DirectLinks(self._host, self.cid)
         #: (worker name, id base) -> what the broker is yet to be told of the direct tasks
         #: handed to that worker (see ClientIO._noted_group)
         self._noted: dict = {}

@@ -21,8 +21,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      TransferError)
-from .direct import (CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, ms_until,
-                     receive_results)
+from .direct import CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, ms_until, send_record
 from .futures import Future
 from .outcomes import settle
 from .protocol import SESSION_BOUND, FrameAltered, Kind, ProtocolError
@@ -136,7 +135,7 @@ class ClientIO:
                     if version != direct.version:  # a direct link opened or closed
                         version = direct.version
                         items = [(sock, _POLLIN), (self._wake_r, _POLLIN)] + [
-                            (link.sock, _POLLIN) for link in direct.links.values()]
+                            (link.sock.fileno(), _POLLIN) for link in direct.links.values()]
                     if zmq_poll(items, wait):
                         if direct.links:
                             self._receive_direct()
@@ -342,11 +341,9 @@ class ClientIO:
         if fn_digest not in link.objects:
             fields["ob"] = [[fn_digest, 1]]
             frames.insert(0, fn_payload)
-        try:
-            send_frames(link.sock, protocol.encode(self._key, Kind.TASKS, fields, frames,
-                                                   session=link.session), block=False)
-        except zmq.Again:
-            return False  # not connected (the worker left): the broker's path
+        if not send_record(link.sock, protocol.encode(self._key, Kind.TASKS, fields, frames,
+                                                      session=link.session)):
+            return False  # the worker left, does not read, or this is too large: the broker's path
         link.objects.add(fn_digest)
         self._direct.sent += 1
         # The same submission for the broker, which records it as running there;
@@ -387,18 +384,17 @@ class ClientIO:
                               direct=(name, base), done=held.done)
 
     def _receive_direct(self: "Client") -> None:
-        for link in list(self._direct.links.values()):
-            for msg in receive_results(link.sock, self._key, self._guard):
-                self._last_heard = time.monotonic()
-                pos = 0
-                for tid, status, n, meta in msg.header["r"]:
-                    group = self._direct_open.pop(tid, None)
-                    if group is not None:  # the broker gets this client's copy too
-                        held = self._noted_group(group)
-                        held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
-                        held.done_frames.extend(msg.frames[pos:pos + n])
-                    pos += n
-                self._on_results(msg)
+        for msg in self._direct.receive(self._key, self._guard):
+            self._last_heard = time.monotonic()
+            pos = 0
+            for tid, status, n, meta in msg.header["r"]:
+                group = self._direct_open.pop(tid, None)
+                if group is not None:  # the broker gets this client's copy too
+                    held = self._noted_group(group)
+                    held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
+                    held.done_frames.extend(msg.frames[pos:pos + n])
+                pos += n
+            self._on_results(msg)
 
     def _receive(self: "Client", sock) -> None:
         # Ask the socket whether more is waiting instead of reading until

@@ -204,8 +204,8 @@ class Worker(Execution):
                 or not is_loopback(self.address)):
             return None
         try:
-            return DirectInbox(self.ctx, self.key, str(runtime_dir()))
-        except (zmq.ZMQError, OSError) as exc:
+            return DirectInbox(self.key, str(runtime_dir()))
+        except OSError as exc:
             logger.info("no direct endpoint (%s); tasks come through the broker only", exc)
             return None
 
@@ -223,13 +223,20 @@ class Worker(Execution):
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         direct = self.direct
-        if direct is not None:
-            poller.register(direct.sock, zmq.POLLIN)
-            inline_items = [(self.sock, _POLLIN), (direct.sock, _POLLIN)]
-            if self.inline:
-                direct.lock.acquire()  # held by this thread but while it runs a task
+        version, direct_fds = -1, set()
+        if direct is not None and self.inline:
+            direct.lock.acquire()  # held by this thread but while it runs a task
         try:
             while not self._stopping:
+                if direct is not None and version != direct.version:  # a client came or left
+                    version = direct.version
+                    fds = set(direct.fds())
+                    for fd in direct_fds - fds:
+                        poller.unregister(fd)
+                    for fd in fds - direct_fds:
+                        poller.register(fd, zmq.POLLIN)
+                    direct_fds = fds
+                    inline_items = [(self.sock, _POLLIN), *((fd, _POLLIN) for fd in fds)]
                 if self.inline:
                     # Only the sockets to watch: the cheapest wait on the latency path.
                     if direct is None:
@@ -247,7 +254,7 @@ class Worker(Execution):
                     for sock, _ in ready:
                         if sock is self.sock:
                             self._receive()
-                        elif direct is not None and sock is direct.sock:
+                        elif sock in direct_fds:
                             self._receive_direct()
                         else:
                             self._flush_results()

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from . import protocol
-from .direct import is_direct
+from .direct import SCHEME as DIRECT_SCHEME, is_direct
 from .protocol import Kind, identity_field
 from .records import BATCH_AHEAD_SECONDS, DEFAULT_QUEUE, QUEUED, RUNNING, Unit, WorkerRecord
 from .routing import parse_resources
@@ -54,7 +54,7 @@ class WorkerSide:
             raise ValueError(f"worker announced queues {queues!r}")
         resources = parse_resources(h.get("rs") or {})
         direct = h.get("dx", "")
-        if not isinstance(direct, str) or (direct and not direct.startswith("ipc://")):
+        if not isinstance(direct, str) or (direct and not direct.startswith(DIRECT_SCHEME)):
             raise ValueError(f"worker announced direct endpoint {direct!r:.80}")
         task_names = h.get("tk", [])
         if not isinstance(task_names, list) or not all(isinstance(t, str) for t in task_names):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
 import zmq
 
 from conftest import Gate, hold, running_cluster, wait_until
-from shoal import protocol
+from shoal import direct, protocol
 from shoal.direct import DIRECT_BIT
 from shoal.protocol import Kind
 
@@ -176,13 +177,15 @@ def test_bad_frames_on_a_workers_direct_endpoint_are_dropped_and_it_serves_on(cl
         client.submit(inc, 0).result(timeout=10)
         endpoints = [endpoint for _, endpoint in client._direct.offered]
         assert endpoints, "the broker offers no direct worker"
+        assert all(endpoint.startswith(direct.SCHEME) for endpoint in endpoints)
         key = client._key
-        ctx = zmq.Context.instance()
         for endpoint in endpoints:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                sock.connect(endpoint)
+                sock.connect(endpoint[len(direct.SCHEME):])
+                # Records whose framing does not add up.
+                for raw in (b"\x05", b"\x01\x00\x00\x00\x09abc", b"\x02" + b"\xff" * 8):
+                    sock.send(raw)
                 session = protocol.Session()
                 bad = [
                     [b"garbage"],
@@ -197,13 +200,28 @@ def test_bad_frames_on_a_workers_direct_endpoint_are_dropped_and_it_serves_on(cl
                                     session=session),
                 ]
                 for frames in bad:
-                    sock.send_multipart(frames)
+                    assert direct.send_record(sock, frames)
             finally:
                 sock.close()
         sent = direct_sent(client)
         assert [client.submit(inc, i).result(timeout=10) for i in range(5)] == [1, 2, 3, 4, 5]
         assert direct_sent(client) - sent == 5
         assert len(client.status()["worker_list"]) == 2
+
+
+def test_a_message_too_large_for_a_direct_record_takes_the_brokers_path(cluster):
+    big = os.urandom(3 * direct.MAX_RECORD)
+
+    def uses_big(x):  # a function whose pickle is larger than a direct record
+        return len(big) + x
+
+    with cluster.client() as client:
+        client.submit(inc, 0).result(timeout=10)
+        sent = direct_sent(client)
+        assert client.submit(uses_big, 1).result(timeout=20) == len(big) + 1
+        assert direct_sent(client) == sent  # it went through the broker
+        assert client.submit(inc, 1).result(timeout=10) == 2
+        assert direct_sent(client) == sent + 1  # and the next small one went direct
 
 
 def test_a_client_of_a_curve_secured_broker_is_offered_no_direct_path(tmp_path):
