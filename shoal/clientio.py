@@ -171,7 +171,8 @@ class ClientIO:
                 with lock:
                     if version != direct.version:  # a direct link opened or closed
                         version = direct.version
-                        links = {link.sock for link in direct.links.values()}
+                        # (by fd: a poller answers a plain socket's readiness with its fd)
+                        links = {link.sock.fileno() for link in direct.links.values()}
                         for s in polled - links:
                             poller.unregister(s)
                         for s in links - polled:

@@ -172,6 +172,20 @@ def test_cancelling_a_running_direct_task_stops_it(tmp_path):
                    message="the broker to count the cancel")
 
 
+def test_a_direct_result_reaches_a_client_that_waits_on_callbacks_not_result(cluster):
+    """Nobody blocks in result(), so the client's IO thread reads the direct link."""
+    import threading
+    with cluster.client() as client:
+        client.submit(inc, 0).result(timeout=10)
+        for i in range(5):
+            sent = direct_sent(client)
+            future = client.submit(inc, i)
+            done = threading.Event()
+            future.add_done_callback(lambda _: done.set())
+            assert done.wait(10), f"task {i}: no result through the IO thread"
+            assert direct_sent(client) == sent + 1 and future.result() == i + 1
+
+
 def test_bad_frames_on_a_workers_direct_endpoint_are_dropped_and_it_serves_on(cluster):
     with cluster.client() as client:
         client.submit(inc, 0).result(timeout=10)
