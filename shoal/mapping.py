@@ -399,9 +399,13 @@ class MapResult:
         return batch.result(remaining)
 
     def __iter__(self) -> Iterator[Any]:
+        # Chained in C: a generator resumed per item cost ~30 ns of the ~140 ns
+        # a streamed trivial item costs its client in all.
+        return itertools.chain.from_iterable(self._cancelling_on_interrupt())
+
+    def _cancelling_on_interrupt(self) -> Iterator[list]:
         try:
-            for chunk in self._chunks():
-                yield from chunk
+            yield from self._chunks()
         except KeyboardInterrupt:
             # Ctrl-C (a kernel interrupt) while iterating: stop this map's work.
             self.cancel()
