@@ -19,6 +19,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -68,17 +69,19 @@ class Forked:
         self.args = list(args)
         self.stdout = None  # the caller may set the read end of the child's stdout
         self.returncode: Optional[int] = None
+        self._reaping = threading.Lock()  # the cluster's monitor thread polls too
 
     def poll(self) -> Optional[int]:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): it is gone
-                self.returncode = 255
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        with self._reaping:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): it is gone
+                    self.returncode = 255
+                    return self.returncode
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """The exit code; raises :class:`subprocess.TimeoutExpired` after ``timeout``."""
