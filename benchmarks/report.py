@@ -30,7 +30,9 @@ LABELS = {"shoal": "shoal", "stdlib": "stdlib PPE", "loky": "loky", "dask": "das
           "ipyparallel": "ipyparallel", "ray": "ray", "celery": "celery"}
 #: how each tool runs each workload (the map's chunking is picked per run: see the notes)
 HOW = {
-    "shoal": "`shoal.Cluster(n_workers=w)`; `client.submit(f, x).result()`; "
+    "shoal": "`shoal.Cluster(n_workers=w)` (which forks its broker and workers, since the "
+             "benchmark process has one thread; a notebook kernel spawns them, ~0.17 s); "
+             "`client.submit(f, x).result()`; "
              "`shoal.wait(futures)`; `client.map(f, items)` with its default batching, for "
              "every map, generators included.",
     "stdlib": "`concurrent.futures.ProcessPoolExecutor(max_workers=w)` (fork); "
