@@ -126,7 +126,9 @@ class Cluster:
             "--key-file", str(self._key_file), "--ipc-path", str(self._ipc_path)]
         argv = ["--listen", listen, "--connection-file", str(path), "--parent-pid",
                 str(os.getpid()), "--log-level", self.log_level, "--allowed-failures",
-                str(self.allowed_failures), *local, *(["--store", self.store] if self.store else [])]
+                str(self.allowed_failures), *local]
+        if self.store:
+            argv += ["--store", self.store]
         forking = self.start_method == "fork"
         with self._log("broker") as log:
             if forking:

@@ -249,3 +249,20 @@ def test_a_worker_busy_with_a_map_batch_gets_the_next_ahead_and_cancelling_withd
             gate.open()
         assert client.submit(abs, -3).result(timeout=20) == 3
         assert gate.started() == 1  # the batch ahead never ran
+
+
+def pause_a_millisecond(x):
+    time.sleep(0.001)
+    return x
+
+
+def test_a_long_map_grows_its_batches_and_its_first_window_leaves_half_to_balance(client):
+    client.map(pause_a_millisecond, range(100)).result(timeout=30)  # measured: ~1 ms an item
+    res = client.map(pause_a_millisecond, range(2400))
+    assert res.result(timeout=60) == list(range(2400))
+    counts = [batch.count for batch in res._batches]
+    window = 2 * client.slots + 2
+    assert max(counts) > 60  # past the ~50 ms target: fewer gaps between batches
+    # (Batches in flight all at once would take the whole map and leave nothing to balance.)
+    assert max(counts) <= 2400 // (2 * window) + 1
+    assert counts[-1] < max(counts)  # and smaller again at the end
