@@ -29,8 +29,9 @@ MAX_BATCH_SECONDS = 0.5
 #: per item, so large values do not make batches of hundreds of megabytes.
 TARGET_BATCH_BYTES = 4 << 20
 #: Near the end of a map batches shrink, so that every slot finishes at about the
-#: same time, but never below about this much work each (nor below an equal share
-#: of the map per slot): a message costs more than balancing so little saves.
+#: same time, but never below about this much work each (nor below half a slot's
+#: share of the map, so each slot gets two and the client decodes one batch's
+#: results while the next runs): a message costs more than balancing so little saves.
 MIN_BATCH_SECONDS = 0.005
 #: What a map's window of batches in flight may carry in all; with many slots each
 #: batch gets a smaller share, so memory stays bounded however large the cluster.
@@ -191,7 +192,7 @@ class MapResult:
             share = remaining // (2 * self._window())
             size = max(size, min(share, int(MAX_BATCH_SECONDS / per_item)))
             balanced = -(-remaining // (2 * slots))
-            smallest = min(int(MIN_BATCH_SECONDS / per_item), -(-self.total // slots))
+            smallest = min(int(MIN_BATCH_SECONDS / per_item), -(-self.total // (2 * slots)))
             size = min(size, max(balanced, smallest))
         per_item_bytes = max(self._result_bytes or 0.0, self._input_bytes or 0.0)
         if per_item_bytes:

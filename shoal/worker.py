@@ -224,6 +224,8 @@ class Worker(Execution):
         poller.register(self._wake_r, zmq.POLLIN)
         direct = self.direct
         version, direct_fds = -1, set()
+        # The wake-up pipe too: stop() (SIGTERM) then ends the wait at once, not after it.
+        inline_items = [(self.sock, _POLLIN), (self._wake_r, _POLLIN)]
         if direct is not None and self.inline:
             direct.lock.acquire()  # held by this thread but while it runs a task
         try:
@@ -236,16 +238,17 @@ class Worker(Execution):
                     for fd in fds - direct_fds:
                         poller.register(fd, zmq.POLLIN)
                     direct_fds = fds
-                    inline_items = [(self.sock, _POLLIN), *((fd, _POLLIN) for fd in fds)]
+                    inline_items = [(self.sock, _POLLIN), *((fd, _POLLIN) for fd in fds),
+                                    (self._wake_r, _POLLIN)]
                 if self.inline:
                     # Only the sockets to watch: the cheapest wait on the latency path.
-                    if direct is None:
-                        if self.sock.poll(250):
-                            self._receive()
-                            self._run_pending()
-                    elif zmq_poll(inline_items, self._noted_wait()):
+                    ready = zmq_poll(inline_items, 250 if direct is None else self._noted_wait())
+                    if ready:
+                        if ready[-1][0] == self._wake_r:  # (polled last: last when ready)
+                            self._drain_wake()
                         self._receive()
-                        self._receive_direct()
+                        if direct is not None:
+                            self._receive_direct()
                         self._run_pending()
                     elif self._noted:
                         self._send_noted()
@@ -487,15 +490,18 @@ class Worker(Execution):
                 self._flush_results()
                 flushed = now
 
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
     def _flush_results(self) -> None:
         if not self.inline:  # slot threads write a wake-up byte; inline needs none
             # Read the byte before clearing the flag: cleared first, a slot could set
             # it and write between the two, and that byte, read here, would leave the
             # flag set with the pipe empty, so later results would wait for ever.
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+            self._drain_wake()
             self._woken = False
         entries, frames = [], []
         outbox = self.outbox
