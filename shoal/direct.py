@@ -182,17 +182,7 @@ class DirectLinks:
         messages = []
         for endpoint, link in list(self.links.items()):
             records, still_open = recv_records(link.sock, self._buffer)
-            for frames in records:
-                try:
-                    msg = protocol.decode(key, frames, guard=guard)
-                except ProtocolError as exc:
-                    logger.warning("dropped a message from a worker: %s", exc)
-                    continue
-                if msg.kind == Kind.RESULTS:
-                    messages.append(msg)
-                else:
-                    logger.warning("dropped a %r message on a direct link: only results "
-                                   "come there", msg.kind)
+            messages.extend(verified(records, key, guard, Kind.RESULTS, "on a direct link"))
             if not still_open:
                 self._drop(endpoint)
         return messages
@@ -252,6 +242,24 @@ def recv_records(sock: socket.socket, buffer: bytearray) -> tuple:
             logger.warning("dropped a malformed record (%d bytes) on a direct socket", n)
         else:
             messages.append(frames)
+
+
+def verified(records: list, key: bytes, guard: protocol.ReplayGuard, kind: str,
+             where: str) -> list:
+    """The messages of ``kind`` among ``records``, verified; the rest dropped and logged."""
+    messages = []
+    for frames in records:
+        try:
+            msg = protocol.decode(key, frames, guard=guard)
+        except ProtocolError as exc:
+            logger.warning("dropped a message %s: %s", where, exc)
+            continue
+        if msg.kind == kind:
+            messages.append(msg)
+        else:
+            logger.warning("dropped a %r message %s: only %r messages come there", msg.kind,
+                           where, kind)
+    return messages
 
 
 def _unpack(record: memoryview) -> Optional[list]:
@@ -314,16 +322,8 @@ class DirectInbox:
         messages = []
         for fd, conn in list(self._conns.items()):
             records, still_open = recv_records(conn, self._buffer)
-            for frames in records:
-                try:
-                    msg = protocol.decode(self.key, frames, guard=self.guard)
-                except ProtocolError as exc:
-                    logger.warning("dropped a message on the direct endpoint: %s", exc)
-                    continue
-                if msg.kind != Kind.TASKS:
-                    logger.warning("dropped a %r message on the direct endpoint: only tasks "
-                                   "come there", msg.kind)
-                    continue
+            for msg in verified(records, self.key, self.guard, Kind.TASKS,
+                                "on the direct endpoint"):
                 messages.append((conn, msg))
             if not still_open:
                 del self._conns[fd]

@@ -407,6 +407,7 @@ class MapResult:
         return itertools.chain.from_iterable(self._cancelling_on_interrupt())
 
     def _cancelling_on_interrupt(self) -> Iterator[list]:
+        """The values batch by batch (:meth:`_chunks`); Ctrl-C meanwhile cancels the map."""
         try:
             yield from self._chunks()
         except KeyboardInterrupt:
@@ -462,12 +463,8 @@ class MapResult:
     def _collect(self) -> list:
         # A batch at a time: a generator step per item would cost more than the map.
         values: list = []
-        try:
-            for chunk in self._chunks():
-                values.extend(chunk)
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
+        for chunk in self._cancelling_on_interrupt():
+            values.extend(chunk)
         return values
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import protocol
 from .direct import SCHEME as DIRECT_SCHEME, is_direct
@@ -260,14 +260,7 @@ class WorkerSide:
             # a long queue goes in chunks, as dealing one by one would gain nothing.
             chunk = max(1, len(self.queue) // (4 * len(free)))
             for worker in list(free):
-                units = self.queue.take(worker, min(chunk, worker.capacity), self._admit)
-                for unit in units:
-                    if unit.bid not in worker.running:
-                        # Counted at once: its capacity, and whether a suspect may
-                        # join it, must see what this pass has dealt it already.
-                        worker.start(unit)
-                if units:
-                    dealt.setdefault(worker.ident, []).extend(units)
+                units = self._deal(worker, min(chunk, worker.capacity), dealt)
                 if not units or worker.capacity <= 0 or worker.alone is not None:
                     free.remove(worker)
                 if not self.queue:
@@ -275,6 +268,19 @@ class WorkerSide:
         self._deal_batches_ahead(dealt, now)
         for ident, units in dealt.items():
             self._send_units(self.workers[ident], units)
+
+    def _deal(self: "Broker", worker: WorkerRecord, n: int, dealt: dict,
+              only: Optional[Callable[[Unit], bool]] = None) -> list:
+        """Take up to ``n`` queued units for ``worker`` into ``dealt``; return them."""
+        units = self.queue.take(worker, n, self._admit, only=only)
+        for unit in units:
+            if unit.bid not in worker.running:
+                # Counted at once: its capacity, and whether a suspect may join
+                # it, must see what this pass has dealt it already.
+                worker.start(unit)
+        if units:
+            dealt.setdefault(worker.ident, []).extend(units)
+        return units
 
     def _deal_batches_ahead(self: "Broker", dealt: dict, now: float) -> None:
         """A worker busy with map batches gets the next one ahead, one a slot.
@@ -297,14 +303,9 @@ class WorkerSide:
                     or worker.blocked_until > now or worker.mean_time is None \
                     or worker.mean_time > BATCH_AHEAD_SECONDS:
                 continue
-            if not all(unit.meta.get("m") for unit in running.values()):
+            if not all(map(_is_batch, running.values())):
                 continue
-            units = self.queue.take(worker, worker.slots - ahead, self._admit, only=_is_batch)
-            for unit in units:
-                if unit.bid not in running:
-                    worker.start(unit)
-            if units:
-                dealt.setdefault(worker.ident, []).extend(units)
+            self._deal(worker, worker.slots - ahead, dealt, only=_is_batch)
             if len(self.queue) <= len(self.workers):
                 return
 

@@ -212,7 +212,7 @@ def test_children_exit_when_the_parent_exits_without_closing(tmp_path):
 
 # ----------------------------------------------------------------- how children start
 FORKING_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     import psutil
     import shoal
     from shoal import launch
@@ -240,10 +240,10 @@ FORKING_SCRIPT = textwrap.dedent("""
     victim = cluster.workers[0]
     victim.kill()
     victim.wait(10)
-    deadline = __import__("time").monotonic() + 30
+    deadline = time.monotonic() + 30
     while len(cluster.workers) < 2 or cluster.status()["workers"] < 2:
-        assert __import__("time").monotonic() < deadline, "no replacement worker"
-        __import__("time").sleep(0.01)  # polling with a deadline
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.01)  # polling with a deadline
     report["replacement"] = type(cluster.workers[-1]).__name__
     report["after_replacement"] = client.map(abs, range(-50, 0)).result(timeout=30)[:3]
     cluster.close()
