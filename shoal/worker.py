@@ -635,6 +635,9 @@ def main(argv: Optional[list] = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("worker %s connecting to %s with %d slot(s)", worker.name, address, args.slots)
     worker.run()
+    # Stopped, and exiting: a SIGTERM now (a cluster closing as this worker gave up
+    # on its broker) must not kill the interpreter's teardown and lose the exit code.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return worker.exit_code
 
 
