@@ -285,7 +285,7 @@ class WorkerSide:
     def _deal_batches_ahead(self: "Broker", dealt: dict, now: float) -> None:
         """A worker busy with map batches gets the next one ahead, one a slot.
 
-        Batches are sized to ~50 ms, too long for the time-based prefetch, so
+        Batches take 50-500 ms, too long for the time-based prefetch, so
         without this a worker idles a broker round trip (~1 ms) between two.
         Only map batches go ahead, only behind map batches, and only on a worker
         whose units are short (BATCH_AHEAD_SECONDS): a lone task never waits
