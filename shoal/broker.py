@@ -172,6 +172,8 @@ class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Reque
                        "dropped": 0, "duplicates": 0}
         self._drop_window = (0.0, 0)
         self._registered_only = False  # some connected worker runs named tasks only
+        #: joins still to tell the launcher of on stdout (shoal broker --announce-workers)
+        self.announce_workers = 0
         self._handlers = {
             Kind.CLIENT_HELLO: self._on_client_hello,
             Kind.SUBMIT: self._on_submit,

@@ -38,6 +38,9 @@ def options_parser() -> argparse.ArgumentParser:
                         "file); by default a restart on the same address reuses the key in "
                         "--connection-file, so workers rejoin")
     parser.add_argument("--ipc-path", help=argparse.SUPPRESS)  # ... and IPC endpoint
+    # A launcher waiting for its workers: "SHOAL-WORKER NAME" on stdout as each of
+    # the first N registers.
+    parser.add_argument("--announce-workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback address without encryption (dangerous)")
     parser.add_argument("--home", help="where a secure broker keeps its keys and allow-list "
@@ -120,6 +123,7 @@ def main(argv: Optional[list] = None) -> int:
         logger.info("Curve-secured; keys in %s. Allow a remote worker with: shoal keys create "
                     "NAME --address tcp://THIS_HOST:PORT", home)
     broker.allowed_failures = args.allowed_failures
+    broker.announce_workers = max(0, args.announce_workers)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     print(f"SHOAL-BROKER {broker.address} {broker.connection_file}", flush=True)

@@ -99,14 +99,15 @@ class Cluster:
         self._lock = threading.RLock()
         self._worker_seq = 0
         self.broker: Any = None  # subprocess.Popen or launch.Forked
+        self._broker_lines = b""  # read from the broker's stdout, not yet split off
+        self._own_client: Optional[Client] = None  # the cluster's own (see _client)
         _live.add(self)
         try:
             self._key_file = self.log_dir / "cluster.key"
             write_private(self._key_file, new_key().hex())
             self._ipc_path = self.log_dir / "broker.sock"
             self._start_broker(listen, n_workers)
-            self._client = Client(self.connection_file, timeout=timeout)
-            self.scale(n_workers)
+            self._await_announced(n_workers)
             self._monitor = threading.Thread(target=self._watch, name="shoal-cluster-monitor",
                                              daemon=True)
             self._monitor.start()
@@ -122,11 +123,11 @@ class Cluster:
         path = self.log_dir / "connection.json"
         local = [] if not is_loopback(listen if "://" in listen else f"tcp://{listen}") else [
             # Choose the key and IPC endpoint here, so the workers can start while
-            # the broker does (they retry the connection every 10 ms until it binds).
+            # the broker does (they retry the connection until it binds).
             "--key-file", str(self._key_file), "--ipc-path", str(self._ipc_path)]
         argv = ["--listen", listen, "--connection-file", str(path), "--parent-pid",
                 str(os.getpid()), "--log-level", self.log_level, "--allowed-failures",
-                str(self.allowed_failures), *local]
+                str(self.allowed_failures), "--announce-workers", str(n_workers), *local]
         if self.store:
             argv += ["--store", self.store]
         forking = self.start_method == "fork"
@@ -145,20 +146,64 @@ class Cluster:
                 self.broker = subprocess.Popen(
                     _python_command("shoal.broker", *argv), stdout=subprocess.PIPE, stderr=log,
                     stdin=subprocess.DEVNULL, start_new_session=True)
-        if local:
+        if local:  # the workers start while the broker does, and connect once it binds
             self._worker_target = [f"ipc://{self._ipc_path}", "--key-file", str(self._key_file)]
-        if local and not forking:
-            self._workers.extend(self._start_worker() for _ in range(n_workers))
-        line = _read_line(self.broker, self.timeout)
+            self._workers.extend(self._start_worker(fork=forking) for _ in range(n_workers))
+        line = self._broker_line(time.monotonic() + self.timeout)
         if not line.startswith("SHOAL-BROKER "):
             raise ClusterError(f"the broker did not start (exit code {self.broker.poll()}); "
                                f"see {self.log_dir / 'broker.log'}")
         _, self.address, self.connection_file = line.split()
         self.info = read_connection_file(self.connection_file)
-        if not local:
+        if not local:  # (they need the broker's public key from its connection file)
             self._worker_target = ["--connection-file", self.connection_file]
-        if forking:  # the broker listens now: forked workers connect at the first try
-            self._workers.extend(self._start_worker(fork=True) for _ in range(n_workers))
+            self._workers.extend(self._start_worker(fork=forking) for _ in range(n_workers))
+
+    def _broker_line(self, deadline: float) -> str:
+        """The broker's next stdout line; '' if it closes its stdout or stays silent
+        past ``deadline`` (read unbuffered: select must see what is not read yet)."""
+        import select
+        fd = self.broker.stdout.fileno()
+        while b"\n" not in self._broker_lines:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return ""
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return ""
+            self._broker_lines += chunk
+        line, self._broker_lines = self._broker_lines.split(b"\n", 1)
+        return line.decode(errors="replace").strip()
+
+    def _await_announced(self, n: int) -> None:
+        """Wait for the first ``n`` workers to register: the broker says so on its
+        stdout (--announce-workers), so starting needs no client of this cluster's."""
+        deadline = time.monotonic() + self.timeout
+        joined = 0
+        while joined < n:
+            # Woken at least every 50 ms, to tell a worker that died from a slow one.
+            line = self._broker_line(min(deadline, time.monotonic() + 0.05))
+            if line.startswith("SHOAL-WORKER "):
+                joined += 1
+                continue
+            dead = [p for p in self._workers + [self.broker] if p.poll() is not None]
+            if dead:
+                what = "the broker" if dead[0] is self.broker else "a local worker"
+                raise ClusterError(f"{what} exited with code {dead[0].returncode} while "
+                                   f"starting; see the logs in {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{joined} of {n} workers registered within "
+                                   f"{self.timeout:g} s; see the logs in {self.log_dir}")
+
+    @property
+    def _client(self) -> Client:
+        """The cluster's own client (status, scaling, reporting lost workers), made
+        when first needed: a start waits for its workers without one."""
+        with self._lock:
+            if self._own_client is None:
+                self._check_open()
+                self._own_client = Client(self.connection_file, timeout=self.timeout)
+            return self._own_client
 
     def _start_worker(self, options: Optional[list] = None, name: Optional[str] = None,
                       fork: bool = False) -> Any:
@@ -306,7 +351,7 @@ class Cluster:
                 return
             self._closed = True
         self._monitor_stop.set()
-        for client in self._clients + [getattr(self, "_client", None)]:
+        for client in self._clients + [self._own_client]:
             if client is not None:
                 client.close()
         procs = list(self._workers) + ([self.broker] if self.broker else [])
@@ -374,19 +419,6 @@ def describe_exit(returncode: int) -> str:
             name = "unknown"
         return f"was killed by signal {-returncode} ({name})"
     return f"exited with code {returncode}"
-
-
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The child's first stdout line, or '' if it exits or stays silent past ``timeout``."""
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            return ""
-        return proc.stdout.readline().decode(errors="replace").strip()
-    finally:
-        sel.close()
 
 
 def _reap(procs: list, timeout: float) -> None:

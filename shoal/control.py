@@ -69,7 +69,8 @@ class Control(threading.Thread):
         self.sock = worker.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.socket_id)
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 1)  # as the worker's own socket
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 10)
         worker.apply_curve(self.sock)
         self.sock.connect(worker.address)
         self.session = protocol.Session()

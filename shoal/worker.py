@@ -147,8 +147,10 @@ class Worker(Execution):
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        # Retry soon: a local cluster starts workers while its broker is still binding.
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        # Retry soon: a local cluster starts workers while its broker is still binding
+        # (after 1 ms, then 2, 4, 8 and every 10 ms).
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 1)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 10)
         self.curve = curve
         self.apply_curve(self.sock)
         # Read by the control thread: a broker that refuses this worker's key is

@@ -75,6 +75,8 @@ class WorkerSide:
                                            task_names=frozenset(task_names),
                                            registered_only=bool(h.get("ro")), direct=direct)
         self._workers_changed()
+        if self.announce_workers:
+            self._announce(name)
         if self.watchers:
             self._event("worker-joined", worker=name, slots=slots, queues=queues)
         logger.info("worker %s joined with %d slot(s)%s%s%s", name, slots,
@@ -82,6 +84,15 @@ class WorkerSide:
                     f", resources {_format_resources(resources)}" if resources else "",
                     f", {len(task_names)} named task(s)" + (
                         ", registered tasks only" if h.get("ro") else "") if task_names else "")
+
+    def _announce(self: "Broker", name: str) -> None:
+        """Tell the launcher that started this broker that a worker joined (see
+        ``shoal broker --announce-workers``); it stops reading once all have."""
+        self.announce_workers -= 1
+        try:
+            print(f"SHOAL-WORKER {name}", flush=True)
+        except (OSError, ValueError):  # the launcher is gone, or its pipe is closed
+            self.announce_workers = 0
 
     def _retry_unreachable(self: "Broker") -> None:
         """Register workers whose main socket could not be reached at their hello."""

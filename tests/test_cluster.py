@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 import pytest
 
 import shoal
 
-from conftest import cluster_pids, pids_gone, wait_until
+from conftest import cluster_pids, pids_gone, shoal_children, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,6 +29,71 @@ def test_cluster_is_ready_on_return():
         assert state["workers"] == 2 and state["slots"] == 2
         assert len(cluster.workers) == 2
         assert cluster.client().submit(pow, 2, 3).result(timeout=30) == 8
+
+
+def test_a_cluster_starts_without_a_client_of_its_own():
+    # It learns that its workers joined from the broker's stdout, so the first
+    # client to connect is the user's (the cluster makes its own when it needs one).
+    with shoal.Cluster(n_workers=2) as cluster:
+        client = cluster.client()
+        assert client.status()["clients"] == 1
+        assert cluster.status()["workers"] == 2
+        assert client.status()["clients"] == 2
+
+
+EXITS_WHILE_STARTING = textwrap.dedent("""
+    import sys
+    import shoal
+
+    try:
+        shoal.Cluster(n_workers=2, imports=["no_such_module_for_shoal"],
+                      start_method=sys.argv[1], timeout=20)
+    except shoal.ClusterError as exc:
+        print(exc)
+""")
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_worker_that_exits_while_starting_fails_the_cluster_and_says_where_to_look(
+        tmp_path, start_method):
+    # (In a script: this test process has threads, and so never forks a cluster.)
+    script = tmp_path / "start.py"
+    script.write_text(EXITS_WHILE_STARTING)
+    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True,
+                          text=True, timeout=40, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("a local worker exited with code 2 while starting; "
+                                  "see the logs in "), done.stdout
+    log_dir = done.stdout.split("see the logs in ", 1)[1].strip()
+    assert "no_such_module_for_shoal" in "".join(
+        p.read_text() for p in Path(log_dir).glob("local-*.log"))
+
+
+def test_a_broker_announces_only_as_many_joins_as_it_was_asked_to(tmp_path):
+    path = tmp_path / "broker.json"
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "shoal.broker", "--connection-file", str(path),
+         "--announce-workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL)
+    workers = []
+    try:
+        assert broker.stdout.readline().startswith(b"SHOAL-BROKER ")
+        workers = [subprocess.Popen(
+            [sys.executable, "-m", "shoal.worker", "--connection-file", str(path),
+             "--name", f"w{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL) for i in range(2)]
+        line = broker.stdout.readline().decode()
+        assert line in ("SHOAL-WORKER w0\n", "SHOAL-WORKER w1\n")
+        with shoal.Client(str(path)) as client:
+            client.wait_for_workers(2, timeout=30)
+        broker.terminate()
+        assert broker.wait(10) == 0
+        assert broker.stdout.read() == b""  # the second join was not announced
+    finally:
+        for proc in [*workers, broker]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 def test_cluster_with_several_slots_per_worker_reports_them():
