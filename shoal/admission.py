@@ -17,8 +17,8 @@ from . import protocol
 from .direct import TID_MASK, direct_bid
 from .options import due_at
 from .protocol import Kind, identity_field
-from .records import (DEFAULT_QUEUE, PARKED, QUEUED, ClientRecord, StoredObject, Unit,
-                      task_id, task_key)
+from .records import (DEFAULT_QUEUE, PARKED, QUEUED, RUNNING, ClientRecord, StoredObject,
+                      Unit, task_id, task_key)
 from .routing import describe_route, runnable_somewhere, unit_route, worker_command
 from .scheduling import check_rate
 
@@ -106,6 +106,7 @@ class Admission:
                 and isinstance(d[1], str) and type(d[2]) is int and d[2] >= 0
                 and isinstance(d[3], dict) for d in done)):
             raise ValueError(f"malformed direct outcomes {done!r:.80}")
+        done_tids = {d[0] for d in done} if done else None
         pos = self._store_objects(ident, msg)
         now = time.monotonic()
         durable = self.durable.durable
@@ -138,6 +139,11 @@ class Admission:
             if "dp" in meta and self._held_by_dependencies(unit):
                 continue
             if direct is not None and self._start_direct(unit, direct):
+                continue
+            if done_tids and tid in done_tids:
+                # Its worker is gone, yet its client has the outcome: settled below,
+                # never run again (its client may not have sent its arguments).
+                unit.state = RUNNING
                 continue
             self._enqueue(unit)
             if self.workers and (unit.queue != DEFAULT_QUEUE or unit.resources or "fn" in meta

@@ -21,7 +21,8 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      TransferError)
-from .direct import CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, ms_until, send_record
+from .direct import (CLIENT_COPY, CLIENT_HELD, NOTICE_SECONDS, direct_bid, eligible, ms_until,
+                     send_record)
 from .futures import Future
 from .outcomes import settle
 from .protocol import SESSION_BOUND, FrameAltered, Kind, ProtocolError
@@ -44,15 +45,14 @@ BROKER_TIMEOUT = 10.0
 
 class _Noted:
     """What the broker is yet to be told of the direct tasks handed to one worker: their
-    submission (objects, entries, frames) and the outcomes this client has of them."""
+    submission (objects; each unit's entry and frames) and the outcomes this client has."""
 
-    __slots__ = ("objects", "object_frames", "entries", "unit_frames", "done", "done_frames")
+    __slots__ = ("objects", "object_frames", "units", "done", "done_frames")
 
     def __init__(self) -> None:
         self.objects: list = []
         self.object_frames: list = []
-        self.entries: list = []
-        self.unit_frames: list = []
+        self.units: dict = {}  # task number -> [entry, frames]
         self.done: list = []
         self.done_frames: list = []
 
@@ -352,8 +352,7 @@ class ClientIO:
         group = (link.name, self._direct.base)
         held = self._noted_group(group)
         self._add_object(fn_digest, fn_payload, held.objects, held.object_frames)
-        held.entries.append([tid, [fn_digest], len(parts), meta])
-        held.unit_frames.extend(parts)
+        held.units[tid] = [[tid, [fn_digest], len(parts), meta], parts]
         self._direct_open[tid] = group
         return True
 
@@ -380,8 +379,13 @@ class ClientIO:
         client's next request sees them so, however long they took)."""
         noted, self._noted = self._noted, {}
         for (name, base), held in noted.items():
-            self._send_submit(sock, held.entries, held.objects,
-                              held.object_frames + held.unit_frames + held.done_frames,
+            entries, frames = [], held.object_frames
+            if held.units:
+                frames = list(frames)
+                for entry, parts in held.units.values():
+                    entries.append(entry)
+                    frames.extend(parts)
+            self._send_submit(sock, entries, held.objects, frames + held.done_frames,
                               direct=(name, base), done=held.done)
 
     def _receive_direct(self: "Client") -> None:
@@ -392,8 +396,19 @@ class ClientIO:
                 group = self._direct_open.pop(tid, None)
                 if group is not None:  # the broker gets this client's copy too
                     held = self._noted_group(group)
-                    held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
-                    held.done_frames.extend(msg.frames[pos:pos + n])
+                    if status == "ok":
+                        # Without the value (the worker's copy brings it), nor the
+                        # arguments of a unit the broker is yet to hear of: it will not
+                        # run again (see shoal.direct.CLIENT_HELD).
+                        unit = held.units.get(tid)
+                        if unit is not None:
+                            entry = unit[0]
+                            unit[0], unit[1] = [tid, entry[1], 0, entry[3]], ()
+                        held.done.append([tid, status, 0, {**meta, "dd": CLIENT_COPY,
+                                                           CLIENT_HELD: 1}])
+                    else:
+                        held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
+                        held.done_frames.extend(msg.frames[pos:pos + n])
                 pos += n
             self._on_results(msg)
 

@@ -96,10 +96,10 @@ class Control(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
 
-    def _send(self, kind: str, fields: dict) -> None:
+    def _send(self, kind: str, fields: dict, frames: list = ()) -> None:
         fields["wid"] = self.worker.ident
         try:
-            send_frames(self.sock, protocol.encode(self.worker.key, kind, fields,
+            send_frames(self.sock, protocol.encode(self.worker.key, kind, fields, frames,
                                                    session=self.session), block=False)
         except zmq.Again:
             # No connection to queue it on (or a full queue): a heartbeat or an output
@@ -124,6 +124,7 @@ class Control(threading.Thread):
                                                   STREAM_SECONDS) * 1000)))
                     if watching:
                         worker.bounce_direct(self.bounce)
+                        worker.send_noted_aside(self._send_results)
                     if self._wake_r in ready:
                         try:
                             os.read(self._wake_r, 4096)
@@ -157,6 +158,9 @@ class Control(threading.Thread):
                 entry[0].set()  # a task waiting for an answer stops waiting
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _send_results(self, fields: dict, frames: list) -> None:
+        self._send(Kind.RESULTS, fields, frames)
 
     def bounce(self, bids: list) -> None:
         """Give direct units back to the broker (see Worker.bounce_direct)."""

@@ -539,12 +539,33 @@ class Worker(Execution):
 
     def _send_noted(self) -> None:
         """Send the broker the direct units' results it has not been sent yet."""
+        self._send(Kind.RESULTS, *self._take_noted())
+
+    def _take_noted(self) -> tuple:
+        """``({"r": entries}, frames)`` of the held copies for the broker, cleared."""
         entries, frames = [], []
         for held_entries, held_frames in self._noted:
             entries.extend(held_entries)
             frames.extend(held_frames)
         self._noted.clear()
-        self._send(Kind.RESULTS, {"r": entries}, frames)
+        return {"r": entries}, frames
+
+    def send_noted_aside(self, send) -> None:
+        """On the control thread: while the one slot runs a task, send the broker the
+        held copies that fell due, with ``send(fields, frames)``, rather than leave them
+        behind that task (a task that takes one of their values waits for it: see
+        shoal.direct.CLIENT_HELD)."""
+        if not self._noted or time.monotonic() < self._noted_due:
+            return
+        direct = self.direct
+        if not direct.lock.acquire(blocking=False):
+            return  # the main thread is between tasks: it sends them itself
+        try:
+            fields, frames = self._take_noted()
+        finally:
+            direct.lock.release()
+        if fields["r"]:
+            send(fields, frames)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from . import protocol
-from .direct import SCHEME as DIRECT_SCHEME, is_direct
+from .direct import CLIENT_HELD, SCHEME as DIRECT_SCHEME, is_direct
 from .protocol import Kind, identity_field
 from .records import BATCH_AHEAD_SECONDS, DEFAULT_QUEUE, QUEUED, RUNNING, Unit, WorkerRecord
 from .routing import parse_resources
@@ -180,6 +180,11 @@ class WorkerSide:
                 elif late is None:  # it beat its client's submission: held until that comes
                     self.early.hold(ident, [bid, status, n, meta], frames[start:pos],
                                     protocol.frame_digests(header, start, pos))
+                elif self.values_to_come:  # the value its client's copy lacked, maybe
+                    came = self.values_to_come.arrived(bid)
+                    if came is not None:
+                        self._value_came(*came, status, frames[start:pos], meta, worker,
+                                         protocol.frame_digests(header, start, pos))
                 continue
             if status == "retry":
                 self._retry_later(bid, meta, worker)
@@ -195,6 +200,8 @@ class WorkerSide:
             delivered = meta.pop("dd", 0)
             if is_direct(bid):
                 self.early.finished(bid, delivered)
+                if CLIENT_HELD in meta and unit.key:
+                    self.values_to_come.expect(bid, unit.key)
             holder = self.workers.get(unit.worker) if unit.worker else None
             if holder is not None:
                 holder.finish(bid)
@@ -231,6 +238,21 @@ class WorkerSide:
         # client that already has the exception it names.
         for outcome in settled:
             self._settled(*outcome)
+
+    def _value_came(self: "Broker", key: bytes, dependents: list, fetchers: list, status: str,
+                    frames: list, meta: dict, worker: Optional[WorkerRecord],
+                    digests: dict) -> None:
+        """The worker's copy of a direct unit that its client's copy settled without the
+        value (shoal.direct.CLIENT_HELD): keep the value; release who waits for it."""
+        meta = {k: v for k, v in meta.items() if k != "dd"}
+        meta["w"] = worker.name if worker is not None else "a worker no longer registered"
+        for gone in self.kept.put(key, status, frames, meta, digests):
+            self._release_result(gone)
+        for ident, tid in fetchers:
+            self._send_outcome(ident, tid, status, frames, meta, digests)
+        if dependents:
+            self._result_object(key, frames, digests)
+            self._release_dependents(key, dependents)
 
     def _retry_later(self: "Broker", bid: int, meta: dict, worker: Optional[WorkerRecord]) -> None:
         """A worker asks to run unit ``bid`` again after ``meta["dl"]`` seconds

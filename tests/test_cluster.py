@@ -14,7 +14,7 @@ import pytest
 
 import shoal
 
-from conftest import cluster_pids, pids_gone, shoal_children, wait_until
+from conftest import cluster_pids, pids_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
