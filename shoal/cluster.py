@@ -101,12 +101,16 @@ class Cluster:
         self.broker: Any = None  # subprocess.Popen or launch.Forked
         self._broker_lines = b""  # read from the broker's stdout, not yet split off
         self._own_client: Optional[Client] = None  # the cluster's own (see _client)
+        self._first_client: Optional[Client] = None  # for the first client() (see there)
         _live.add(self)
         try:
             self._key_file = self.log_dir / "cluster.key"
             write_private(self._key_file, new_key().hex())
             self._ipc_path = self.log_dir / "broker.sock"
             self._start_broker(listen, n_workers)
+            # Connected while the workers start (which leaves a core idle now and
+            # then), rather than after: the first client() call gets it.
+            self._first_client = Client(self.connection_file)
             self._await_announced(n_workers)
             self._monitor = threading.Thread(target=self._watch, name="shoal-cluster-monitor",
                                              daemon=True)
@@ -202,7 +206,9 @@ class Cluster:
         with self._lock:
             if self._own_client is None:
                 self._check_open()
-                self._own_client = Client(self.connection_file, timeout=self.timeout)
+                self._own_client, self._first_client = self._first_client, None
+                if self._own_client is None:
+                    self._own_client = Client(self.connection_file)
             return self._own_client
 
     def _start_worker(self, options: Optional[list] = None, name: Optional[str] = None,
@@ -330,9 +336,17 @@ class Cluster:
 
     # ------------------------------------------------------------ public
     def client(self, **kwargs) -> Client:
-        """A new :class:`Client` connected to this cluster (closed with it)."""
-        self._check_open()
-        client = Client(self.connection_file, **kwargs)
+        """A new :class:`Client` connected to this cluster (closed with it).
+
+        The first one (without options) was connected while the workers started.
+        """
+        with self._lock:
+            self._check_open()
+            client = None
+            if not kwargs:
+                client, self._first_client = self._first_client, None
+        if client is None:
+            client = Client(self.connection_file, **kwargs)
         self._clients.append(client)
         return client
 
@@ -351,7 +365,7 @@ class Cluster:
                 return
             self._closed = True
         self._monitor_stop.set()
-        for client in self._clients + [self._own_client]:
+        for client in self._clients + [self._own_client, self._first_client]:
             if client is not None:
                 client.close()
         procs = list(self._workers) + ([self.broker] if self.broker else [])

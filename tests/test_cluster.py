@@ -53,6 +53,22 @@ EXITS_WHILE_STARTING = textwrap.dedent("""
 """)
 
 
+def test_each_client_call_gives_a_client_of_its_own():
+    # (The first was connected while the workers started.)
+    with shoal.Cluster(n_workers=1) as cluster:
+        first, second = cluster.client(), cluster.client()
+        assert first is not second
+        assert first.submit(pow, 2, 5).result(timeout=30) == 32
+        first.close()
+        assert second.submit(pow, 2, 6).result(timeout=30) == 64
+        assert cluster.status()["workers"] == 1
+    with shoal.Cluster(n_workers=1) as cluster:
+        assert cluster.status()["workers"] == 1  # the cluster's own client first
+        client = cluster.client()
+        client.close()
+        assert cluster.status()["workers"] == 1  # closing the user's left the cluster's
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_a_worker_that_exits_while_starting_fails_the_cluster_and_says_where_to_look(
         tmp_path, start_method):
