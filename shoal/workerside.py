@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 from . import protocol
 from .direct import CLIENT_HELD, SCHEME as DIRECT_SCHEME, is_direct
 from .protocol import Kind, identity_field
-from .records import BATCH_AHEAD_SECONDS, DEFAULT_QUEUE, QUEUED, RUNNING, Unit, WorkerRecord
+from .records import (BATCH_AHEAD_SECONDS, DEFAULT_QUEUE, QUEUED, RUNNING, ClientRecord, Unit,
+                      WorkerRecord)
 from .routing import parse_resources
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class WorkerSide:
                                            task_names=frozenset(task_names),
                                            registered_only=bool(h.get("ro")), direct=direct)
         self._workers_changed()
+        if direct:
+            self._offer_direct_to_clients()
         if self.announce_workers:
             self._announce(name)
         if self.watchers:
@@ -122,6 +125,19 @@ class WorkerSide:
             self._fail_addressed_to(worker)
             self._requeue(worker)
 
+    def _send_heartbeat(self: "Broker", client: ClientRecord) -> None:
+        self._send(client.ident, Kind.HEARTBEAT, {"session": self.session,
+                                                  "store": self.durable.store_id,
+                                                  "workers": len(self.workers),
+                                                  **self._direct_offer(client)})
+
+    def _offer_direct_to_clients(self: "Broker") -> None:
+        """A worker with a direct endpoint joined: tell every client now, not at its next
+        heartbeat (a cluster's first client connects while its workers start)."""
+        if self._direct_offer_possible():
+            for client in list(self.clients.values()):
+                self._send_heartbeat(client)
+
     def _worker_of(self: "Broker", ident: bytes, header: dict) -> Optional[WorkerRecord]:
         """The worker a message speaks for: its main socket, or its control socket (``wid``)."""
         worker = self.workers.get(identity_field(header, "wid", ident))
@@ -132,11 +148,7 @@ class WorkerSide:
     def _on_heartbeat(self: "Broker", ident: bytes, msg: protocol.Message) -> None:
         header = msg.header
         if "wid" not in header:  # a client's: answer, so it knows this broker is alive
-            client = self._client(ident)
-            self._send(ident, Kind.HEARTBEAT, {"session": self.session,
-                                               "store": self.durable.store_id,
-                                               "workers": len(self.workers),
-                                               **self._direct_offer(client)})
+            self._send_heartbeat(self._client(ident))
             return
         worker = self._worker_of(ident, header)
         if worker is not None:

@@ -51,6 +51,22 @@ def test_a_lone_task_goes_straight_to_a_worker_and_the_broker_still_counts_it(cl
         assert status["running"] == 0 and status["queued"] == 0
 
 
+def test_a_client_learns_of_a_direct_worker_when_it_joins(monkeypatch):
+    # (Not at the client's next heartbeat: a cluster's first client connects while
+    # its workers start.)
+    from shoal import clientio
+    monkeypatch.setattr(clientio, "HEARTBEAT_SECONDS", 120.0)
+    with running_cluster(n_workers=0) as cluster:
+        client = cluster.client()
+        assert not client._direct.offered
+        cluster.scale(1)
+        client.status()  # (told before this reply, on the same socket)
+        assert client._direct.offered
+        sent = direct_sent(client)
+        assert client.submit(inc, 1).result(timeout=10) == 2
+        assert direct_sent(client) - sent == 1
+
+
 def test_the_broker_is_told_of_a_direct_task_soon_without_more_traffic(cluster):
     # Client and worker hold the broker's copies a moment, to send them in batches
     # (NOTICE_SECONDS); they must still leave when nothing else follows.
