@@ -452,9 +452,7 @@ class ClientIO:
                     self._events.deliver(msg.header.get("e", []))
             elif kind == Kind.HEARTBEAT:
                 self._check_session(msg.header.get("session"), msg.header.get("store"))
-                if "workers" in msg.header:
-                    self.workers = msg.header["workers"]  # notice the last worker leaving
-                self._direct.learn(msg.header)
+                self._learn(msg.header)  # (notices the last worker leaving, too)
             elif kind == Kind.WELCOME or kind == Kind.STATUS_REPLY:
                 self._check_session(msg.header.get("session"), msg.header.get("store"))
                 self._learn(msg.header)

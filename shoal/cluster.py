@@ -110,7 +110,7 @@ class Cluster:
             self._start_broker(listen, n_workers)
             # Connected while the workers start (which leaves a core idle now and
             # then), rather than after: the first client() call gets it.
-            self._first_client = Client(self.connection_file)
+            self._first_client = Client(self.connection_file, timeout=timeout)
             self._await_announced(n_workers)
             self._monitor = threading.Thread(target=self._watch, name="shoal-cluster-monitor",
                                              daemon=True)
@@ -208,7 +208,7 @@ class Cluster:
                 self._check_open()
                 self._own_client, self._first_client = self._first_client, None
                 if self._own_client is None:
-                    self._own_client = Client(self.connection_file)
+                    self._own_client = Client(self.connection_file, timeout=self.timeout)
             return self._own_client
 
     def _start_worker(self, options: Optional[list] = None, name: Optional[str] = None,

@@ -29,14 +29,11 @@ class DirectUnits:
         """The fields of a WELCOME or HEARTBEAT that let a local client go direct:
         its id base, and the workers with a direct endpoint (none on a Curve-secured
         or durable broker: there every task goes through the broker)."""
-        if not self._direct_offer_possible():
+        if self.allow is not None or self.durable.durable:
             return {}
         return {"db": client.direct_base,
                 "dx": [[w.name, w.direct, w.host] for w in self.workers.values()
                        if w.direct and DEFAULT_QUEUE in w.queues and not w.registered_only]}
-
-    def _direct_offer_possible(self: "Broker") -> bool:
-        return self.allow is None and not self.durable.durable
 
     def _start_direct(self: "Broker", unit: Unit, name: str) -> bool:
         """Record ``unit``, handed by its client to worker ``name``, as running there.

@@ -76,8 +76,7 @@ class WorkerSide:
                                            task_names=frozenset(task_names),
                                            registered_only=bool(h.get("ro")), direct=direct)
         self._workers_changed()
-        if direct:
-            self._offer_direct_to_clients()
+        self._tell_clients_of_workers()
         if self.announce_workers:
             self._announce(name)
         if self.watchers:
@@ -126,17 +125,17 @@ class WorkerSide:
             self._requeue(worker)
 
     def _send_heartbeat(self: "Broker", client: ClientRecord) -> None:
-        self._send(client.ident, Kind.HEARTBEAT, {"session": self.session,
+        """What a client learns of the cluster: its workers, their hosts, the direct path."""
+        self._send(client.ident, Kind.HEARTBEAT, {**self._summary(),
                                                   "store": self.durable.store_id,
-                                                  "workers": len(self.workers),
                                                   **self._direct_offer(client)})
 
-    def _offer_direct_to_clients(self: "Broker") -> None:
-        """A worker with a direct endpoint joined: tell every client now, not at its next
-        heartbeat (a cluster's first client connects while its workers start)."""
-        if self._direct_offer_possible():
-            for client in list(self.clients.values()):
-                self._send_heartbeat(client)
+    def _tell_clients_of_workers(self: "Broker") -> None:
+        """A worker joined: tell every client now, not at its next heartbeat (a cluster's
+        first client connects while its workers start, and would neither go direct nor
+        use shared memory with them until then)."""
+        for client in list(self.clients.values()):
+            self._send_heartbeat(client)
 
     def _worker_of(self: "Broker", ident: bytes, header: dict) -> Optional[WorkerRecord]:
         """The worker a message speaks for: its main socket, or its control socket (``wid``)."""

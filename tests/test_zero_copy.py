@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import cluster_pids, shm_segments_of, wait_until
+from conftest import cluster_pids, running_cluster, shm_segments_of, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -25,6 +25,24 @@ def no_segments_left(cluster):
     gc.collect()
     pids = cluster_pids(cluster) | {os.getpid()}
     wait_until(lambda: not shm_segments_of(pids), 10, message="shared-memory segments to go")
+
+
+def buffer_owner(array) -> str:
+    """What holds a task's array argument: an mmap (shared memory) or a zmq frame."""
+    view = array.base
+    while getattr(view, "base", None) is not None:
+        view = view.base
+    return type(view.obj).__name__ if isinstance(view, memoryview) else type(view).__name__
+
+
+def test_a_new_clusters_first_client_sends_large_arrays_through_shared_memory(monkeypatch):
+    # (It connects while the workers start: the broker tells it where they run as
+    # they join, not at its next heartbeat.)
+    from shoal import clientio
+    monkeypatch.setattr(clientio, "HEARTBEAT_SECONDS", 120.0)
+    with running_cluster(n_workers=1) as cluster:
+        client = cluster.client()
+        assert client.submit(buffer_owner, np.ones(1 << 20)).result(timeout=30) == "mmap"
 
 
 def test_hundred_megabyte_array_round_trips_unchanged(client, big_array, no_segments_left):
