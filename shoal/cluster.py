@@ -112,6 +112,11 @@ class Cluster:
             # then), rather than after: the first client() call gets it.
             self._first_client = Client(self.connection_file, timeout=timeout)
             self._await_announced(n_workers)
+            if n_workers:
+                # The broker told it of the workers as they joined; a round trip makes
+                # sure it has read that (where they run decides shared memory and the
+                # direct path for its first tasks).
+                self._first_client.status(timeout=timeout)
             self._monitor = threading.Thread(target=self._watch, name="shoal-cluster-monitor",
                                              daemon=True)
             self._monitor.start()

@@ -189,6 +189,11 @@ class Control(threading.Thread):
                         entry[1] = msg.header
                         entry[0].set()
                 elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
+                    if msg.header.get("session") == self.worker.broker_session:
+                        # The answer to a heartbeat sent before this worker registered
+                        # with this run of the broker: clearing would drop units it has
+                        # been given since (which the broker counts as running here).
+                        continue
                     # The broker restarted and does not know this worker: register again.
                     logger.info("the broker does not know this worker (it restarted?): "
                                 "registering")

@@ -154,7 +154,9 @@ class WorkerSide:
             self._note_heartbeat(worker, header)
         elif identity_field(header, "wid", None) not in self.workers:
             # A worker this broker does not know (it restarted): ask it to register.
-            self._send(ident, Kind.WELCOME, {"rehello": True})
+            # (Naming this run: the worker ignores the asking of a heartbeat it sent
+            # before it registered again, queued while the broker was down.)
+            self._send(ident, Kind.WELCOME, {"rehello": True, "session": self.session})
 
     def _on_output(self: "Broker", ident: bytes, msg: protocol.Message) -> None:
         """What a running task printed: pass it on to the task's client."""
