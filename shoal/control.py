@@ -142,7 +142,8 @@ class Control(threading.Thread):
                     now = time.monotonic()
                     if now >= next_beat:
                         next_beat = now + HEARTBEAT_SECONDS
-                        self._send(Kind.HEARTBEAT, {"running": list(worker.running_now)})
+                        self._send(Kind.HEARTBEAT, {"running": list(worker.running_now),
+                                                    "rg": worker.hellos})
                         if worker.parent_pid and os.getppid() != worker.parent_pid:
                             logger.info("parent process %d is gone; worker stopping",
                                         worker.parent_pid)
@@ -189,11 +190,12 @@ class Control(threading.Thread):
                         entry[1] = msg.header
                         entry[0].set()
                 elif msg.kind == Kind.WELCOME and msg.header.get("rehello"):
-                    if msg.header.get("session") == self.worker.broker_session:
-                        # The answer to a heartbeat sent before this worker registered
-                        # with this run of the broker: clearing would drop units it has
-                        # been given since (which the broker counts as running here).
+                    if msg.header.get("rg") != self.worker.hellos:
+                        # The answer to a heartbeat sent before this worker last registered
+                        # (heartbeats queue while the broker is down): clearing would drop
+                        # units given it since, which the broker counts as running here.
                         continue
+                    self.worker.hellos += 1
                     # The broker restarted and does not know this worker: register again.
                     logger.info("the broker does not know this worker (it restarted?): "
                                 "registering")

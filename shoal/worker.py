@@ -122,6 +122,8 @@ class Worker(Execution):
         #: named tasks this worker has (its --import modules define them)
         self.task_names = tasks.import_modules(imports or [])
         self.broker_session: Optional[str] = None  # the broker run it registered with
+        #: times it registered again when the broker asked (its heartbeats carry it)
+        self.hellos = 0
         self.registered_only = registered_only
         store.safe = registered_only
         self.store = store  # the process's object store, for the execution mixin

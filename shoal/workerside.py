@@ -153,10 +153,10 @@ class WorkerSide:
         if worker is not None:
             self._note_heartbeat(worker, header)
         elif identity_field(header, "wid", None) not in self.workers:
-            # A worker this broker does not know (it restarted): ask it to register.
-            # (Naming this run: the worker ignores the asking of a heartbeat it sent
-            # before it registered again, queued while the broker was down.)
-            self._send(ident, Kind.WELCOME, {"rehello": True, "session": self.session})
+            # A worker this broker does not know (it restarted, or declared the worker
+            # lost): ask it to register.  (Naming the heartbeat's registration: the
+            # worker ignores the asking of one it sent before it registered again.)
+            self._send(ident, Kind.WELCOME, {"rehello": True, "rg": header.get("rg")})
 
     def _on_output(self: "Broker", ident: bytes, msg: protocol.Message) -> None:
         """What a running task printed: pass it on to the task's client."""

@@ -125,13 +125,20 @@ def wait_seconds(seconds: float) -> int:
     return os.getpid()
 
 
+def note_in(run_dir: str, name: str, text: str) -> None:
+    """Write a file whole or not at all (renamed into place): a test polling for it
+    must never read it half written."""
+    Path(run_dir, name + ".part").write_text(text)
+    os.replace(Path(run_dir, name + ".part"), Path(run_dir, name))
+
+
 def stop_noted(run_dir: str, seconds: float = 60.0) -> int:
     """Task: note its start, wait, and note when it was stopped (time.monotonic())."""
-    Path(run_dir, "started").write_text(str(os.getpid()))
+    note_in(run_dir, "started", str(os.getpid()))
     try:
         threading.Event().wait(seconds)
     finally:
-        Path(run_dir, "stopped").write_text(repr(time.monotonic()))
+        note_in(run_dir, "stopped", repr(time.monotonic()))
     return os.getpid()
 
 
