@@ -56,7 +56,8 @@ class Cluster:
     imported), ``"spawn"`` starts fresh interpreters (~0.1-0.2 s).  The default,
     ``"auto"``, forks where that is safe: on Linux, from a process with one
     thread (a script; not a notebook kernel, whose threads a fork would leave
-    holding their locks).  Workers started later (replacements, :meth:`scale`,
+    holding their locks; nor a script that imported NumPy first, whose OpenBLAS
+    starts a thread pool, unless ``OPENBLAS_NUM_THREADS=1``).  Workers started later (replacements, :meth:`scale`,
     :meth:`add_workers`) are always spawned, since the cluster's client thread
     runs by then.
     """
