@@ -57,9 +57,9 @@ class Cluster:
     ``"auto"``, forks where that is safe: on Linux, from a process with one
     thread (a script; not a notebook kernel, whose threads a fork would leave
     holding their locks; nor a script that imported NumPy first, whose OpenBLAS
-    starts a thread pool, unless ``OPENBLAS_NUM_THREADS=1``).  Workers started later (replacements, :meth:`scale`,
-    :meth:`add_workers`) are always spawned, since the cluster's client thread
-    runs by then.
+    starts a thread pool, unless ``OPENBLAS_NUM_THREADS=1``).  Workers started
+    later (replacements, :meth:`scale`, :meth:`add_workers`) are always spawned,
+    since the cluster's client thread runs by then.
     """
 
     def __init__(self, n_workers: Optional[int] = None, slots: int = 1,
@@ -196,14 +196,19 @@ class Cluster:
             if line.startswith("SHOAL-WORKER "):
                 joined += 1
                 continue
-            dead = [p for p in self._workers + [self.broker] if p.poll() is not None]
-            if dead:
-                what = "the broker" if dead[0] is self.broker else "a local worker"
-                raise ClusterError(f"{what} exited with code {dead[0].returncode} while "
-                                   f"starting; see the logs in {self.log_dir}")
-            if time.monotonic() > deadline:
-                raise ClusterError(f"{joined} of {n} workers registered within "
-                                   f"{self.timeout:g} s; see the logs in {self.log_dir}")
+            self._check_starting(joined, n, deadline)
+
+    def _check_starting(self, joined: int, n: int, deadline: float) -> None:
+        """Raise ClusterError if a process exited while the workers start, or
+        ``deadline`` passed with ``joined`` of ``n`` registered."""
+        dead = [p for p in self._workers + [self.broker] if p.poll() is not None]
+        if dead:
+            what = "the broker" if dead[0] is self.broker else "a local worker"
+            raise ClusterError(f"{what} exited with code {dead[0].returncode} while "
+                               f"starting; see the logs in {self.log_dir}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{joined} of {n} workers registered within "
+                               f"{self.timeout:g} s; see the logs in {self.log_dir}")
 
     @property
     def _client(self) -> Client:
@@ -330,13 +335,7 @@ class Cluster:
             state = self._client.status(timeout=max(0.1, deadline - time.monotonic()))
             if state["workers"] == n:
                 return
-            dead = [p for p in self._workers if p.poll() is not None]
-            if dead:
-                raise ClusterError(f"a local worker exited with code {dead[0].returncode} while "
-                                   f"starting; see the logs in {self.log_dir}")
-            if time.monotonic() > deadline:
-                raise ClusterError(f"{state['workers']} of {n} workers registered within "
-                                   f"{self.timeout:g} s; see the logs in {self.log_dir}")
+            self._check_starting(state["workers"], n, deadline)
             time.sleep(pause)  # polling the broker with a deadline
             pause = min(pause * 2, 0.01)
 

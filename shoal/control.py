@@ -30,7 +30,7 @@ import zmq
 
 from . import protocol
 from .protocol import Kind, ProtocolError
-from .transport import recv_frames, send_frames
+from .transport import recv_frames, retry_soon, send_frames
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -69,8 +69,7 @@ class Control(threading.Thread):
         self.sock = worker.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.socket_id)
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 1)  # as the worker's own socket
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 10)
+        retry_soon(self.sock)
         worker.apply_curve(self.sock)
         self.sock.connect(worker.address)
         self.session = protocol.Session()

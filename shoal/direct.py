@@ -488,10 +488,13 @@ class ValuesToCome:
 
     def expire(self) -> list:
         """``(key, dependents, fetchers)`` of the values that did not come in time."""
-        now, gone = time.monotonic(), []
-        for bid, key in list(self._keys.items()):
+        now, due = time.monotonic(), []
+        for bid, key in self._keys.items():  # (in the order expected: the oldest first)
             if now - self._waiting[key][0] <= self.patience:
-                break  # (in the order expected)
-            del self._keys[bid]
+                break
+            due.append(bid)
+        gone = []
+        for bid in due:
+            key = self._keys.pop(bid)
             gone.append((key, *self._waiting.pop(key)[1:]))
         return gone

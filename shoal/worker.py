@@ -41,7 +41,7 @@ from .routing import parse_resources
 from .security import (ConnectionInfo, HandshakeWatch, apply_curve, find_local_broker,
                        is_loopback, read_connection_file, read_key_file,
                        runtime_dir)
-from .transport import recv_frames, send_frames
+from .transport import recv_frames, retry_soon, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,7 @@ class Worker(Execution):
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        # Retry soon: a local cluster starts workers while its broker is still binding
-        # (after 1 ms, then 2, 4, 8 and every 10 ms).
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 1)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 10)
+        retry_soon(self.sock)
         self.curve = curve
         self.apply_curve(self.sock)
         # Read by the control thread: a broker that refuses this worker's key is

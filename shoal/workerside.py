@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 _COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 
 
+def _worker_label(worker: Optional[WorkerRecord]) -> str:
+    """How an outcome names the worker that sent it."""
+    return worker.name if worker is not None else "a worker no longer registered"
+
+
 class WorkerSide:
     """Workers joining and leaving, units sent to them, their results (a mixin of Broker)."""
 
@@ -228,7 +233,7 @@ class WorkerSide:
                 if t is not None:
                     worker.observe(t)  # per unit: prefetch counts units, batches included
             self.counts[_COUNTED.get(status, "failed")] += 1
-            meta["w"] = worker.name if worker is not None else "a worker no longer registered"
+            meta["w"] = _worker_label(worker)
             unit_frames = frames[start:start + n]
             unit_digests = protocol.frame_digests(header, start, start + n)
             self._keep_result(unit, status, unit_frames, meta, unit_digests)
@@ -258,7 +263,7 @@ class WorkerSide:
         """The worker's copy of a direct unit that its client's copy settled without the
         value (shoal.direct.CLIENT_HELD): keep the value; release who waits for it."""
         meta = {k: v for k, v in meta.items() if k != "dd"}
-        meta["w"] = worker.name if worker is not None else "a worker no longer registered"
+        meta["w"] = _worker_label(worker)
         for gone in self.kept.put(key, status, frames, meta, digests):
             self._release_result(gone)
         for ident, tid in fetchers:
