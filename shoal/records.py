@@ -1,6 +1,7 @@
 """The broker's records of tasks, stored objects, workers, clients and requests."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -10,6 +11,13 @@ PREFETCH_SECONDS = 0.004
 #: ... and at most this many units per slot (tiny tasks cost more to handle than to run:
 #: 64 left a 2-worker cluster idle for a round trip every 64 trivial tasks).
 MAX_PREFETCH = 256
+#: A busy worker that finished nothing for this long, and for this many of its
+#: mean task times, runs something long: it takes nothing ahead until it finishes
+#: a unit, so new tasks wait at the broker for the first worker free (or one that
+#: joins) instead of behind that task.  Above the 1 ms a worker holds its results
+#: to send them together, with room for a loaded host's scheduling delays.
+STALL_SECONDS = 0.02
+STALL_FACTOR = 10
 #: A worker whose units take up to this long gets the next map batch ahead while it
 #: runs one (see Broker._deal_batches_ahead): more than a map batch's longest (0.5 s,
 #: shoal.mapping.MAX_BATCH_SECONDS), or each boundary between long batches costs a
@@ -87,12 +95,19 @@ class WorkerRecord:
     blocked_until: float = 0.0  # its task socket was unreachable: no tasks before then
     key: Optional[str] = None  # its Curve public key, on a Curve-secured broker
     direct: str = ""  # its direct endpoint, where local clients hand it lone tasks
+    progress_at: float = 0.0  # when it last finished a unit, or last became busy
 
     @property
     def prefetch(self) -> int:
-        if self.mean_time is None:
+        """How many units it may hold beyond its slots: PREFETCH_SECONDS of its measured
+        task time, none before it has a measure or while it seems stalled."""
+        mean = self.mean_time
+        if mean is None:
             return 0
-        return min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(self.mean_time, 1e-6))) * self.slots
+        if self.running and time.monotonic() - self.progress_at > max(STALL_SECONDS,
+                                                                       STALL_FACTOR * mean):
+            return 0
+        return min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(mean, 1e-6))) * self.slots
 
     @property
     def capacity(self) -> int:
@@ -100,6 +115,8 @@ class WorkerRecord:
 
     def start(self, unit: Unit) -> None:
         """``unit`` now runs here: it holds a slot and its resources."""
+        if not self.running:
+            self.progress_at = time.monotonic()
         self.running[unit.bid] = unit
         if unit.resources:
             for name, amount in unit.resources.items():

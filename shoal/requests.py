@@ -114,6 +114,7 @@ class Requests:
                 {"name": w.name, "slots": w.slots, "running": len(w.running), "done": w.done,
                  "host": w.host.split(":")[0], "pid": w.pid,
                  "mean_task_ms": None if w.mean_time is None else round(w.mean_time * 1000, 3),
+                 "prefetch": w.prefetch,  # units it may hold beyond its slots now
                  "queues": sorted(w.queues), "resources": w.resources,
                  "tasks": sorted({self._task_name(u) for u in w.running.values()})[:8]}
                 for w in self.workers.values()],

@@ -184,8 +184,9 @@ class WorkerSide:
         worker = self.workers.get(ident)
         if worker is None and "wid" in header:  # bounces a busy worker's control thread sent
             worker = self._worker_of(ident, header)
+        now = time.monotonic()
         if worker is not None:
-            worker.last_seen = time.monotonic()
+            worker.last_seen = now
         outgoing: dict[bytes, tuple[list, list, dict]] = {}
         settled = []
         pos = 0
@@ -229,6 +230,7 @@ class WorkerSide:
             unit.state = "done"
             if worker is not None:
                 worker.done += 1
+                worker.progress_at = now
                 t = meta.get("t")
                 if t is not None:
                     worker.observe(t)  # per unit: prefetch counts units, batches included

@@ -238,6 +238,10 @@ def test_status_follows_a_task_from_queued_to_running_to_done(idle_client, tmp_p
         blockers = [idle_client.submit(hold, gate.path, gate.started_dir) for _ in range(2)]
         wait_until(lambda: gate.started() == 2, 20, message="the workers to be busy")
         assert blockers[0].status == "running"
+        # Workers that ran quick tasks before take more ahead, until the broker sees
+        # them held by something long (shoal.records.STALL_SECONDS).
+        wait_until(lambda: not any(w["prefetch"] for w in idle_client.status()["worker_list"]),
+                   10, message="the held workers to take nothing ahead")
         queued = idle_client.submit(os.getpid)
         assert queued.status == "queued"
     finally:

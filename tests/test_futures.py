@@ -255,6 +255,25 @@ def test_cancel_of_a_task_prefetched_by_a_busy_worker_is_consistent(idle_client,
     assert cancelled is not marker.exists()
 
 
+def test_a_worker_held_by_a_long_task_takes_no_work_ahead(idle_client, gate):
+    # Quick tasks first: the broker then deals work ahead to workers it sees are quick.
+    assert idle_client.gather([idle_client.submit(add, i, 1) for i in range(300)],
+                              timeout=30) == list(range(1, 301))
+    (held,) = occupy_workers(idle_client, gate, n=1)
+
+    def held_takes_nothing_ahead():
+        busy = [w for w in idle_client.status()["worker_list"] if w["running"]]
+        return len(busy) == 1 and busy[0]["prefetch"] == 0
+
+    wait_until(held_takes_nothing_ahead, 10, message="the broker to see the worker held")
+    # All of them run on the free worker while the gate stays shut: none waits behind it.
+    quick = [idle_client.submit(add, i, 2) for i in range(300)]
+    assert idle_client.gather(quick, timeout=20) == list(range(2, 302))
+    assert not held.done()
+    gate.open()
+    assert held.result(timeout=30) is not None
+
+
 def test_cancel_returns_promptly_while_the_worker_is_busy(idle_client, gate):
     (running,) = occupy_workers(idle_client, gate, n=1)
     started = time.monotonic()
