@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 TARGET_BATCH_SECONDS = 0.05
 #: ... or longer while much of a map remains, up to this long: each batch costs its
 #: worker ~1 ms between two on a busy host (on 2 cores, 2,000 x 5 ms in 50 ms batches
-#: lost 1.7%).  Its share of what is left is small enough that a window of batches in
-#: flight takes at most about half of it, so the last batches still balance the slots.
+#: lost 1.7%).  No batch is more than half a slot's share of what is left, so batches
+#: shrink by about half a round near the end and the last ones balance the slots.
+#: (At a twelfth of what was left, 2,000 x 5 ms on 2 workers went in 55 batches, 99.3%
+#: efficient; in 35 at half a slot's share, 99.4-99.5%; 500 on 1 worker, 26 -> 11.)
 MAX_BATCH_SECONDS = 0.5
 #: ... and to carry at most about this many bytes of results (or of inputs), measured
 #: per item, so large values do not make batches of hundreds of megabytes.
@@ -189,9 +191,8 @@ class MapResult:
         size = int(TARGET_BATCH_SECONDS / per_item)
         if self.total is not None:
             remaining = self.total - self._submitted
-            share = remaining // (2 * self._window())
-            size = max(size, min(share, int(MAX_BATCH_SECONDS / per_item)))
-            balanced = -(-remaining // (2 * slots))
+            balanced = -(-remaining // (2 * slots))  # half a slot's share of what is left
+            size = max(size, min(balanced, int(MAX_BATCH_SECONDS / per_item)))
             smallest = min(int(MIN_BATCH_SECONDS / per_item), -(-self.total // (2 * slots)))
             size = min(size, max(balanced, smallest))
         per_item_bytes = max(self._result_bytes or 0.0, self._input_bytes or 0.0)

@@ -256,13 +256,19 @@ def pause_a_millisecond(x):
     return x
 
 
-def test_a_long_map_grows_its_batches_and_its_first_window_leaves_half_to_balance(client):
+def test_a_long_map_grows_its_batches_and_keeps_each_to_half_a_slots_share(client):
     client.map(pause_a_millisecond, range(100)).result(timeout=30)  # measured: ~1 ms an item
     res = client.map(pause_a_millisecond, range(2400))
     assert res.result(timeout=60) == list(range(2400))
     counts = [batch.count for batch in res._batches]
-    window = 2 * client.slots + 2
     assert max(counts) > 60  # past the ~50 ms target: fewer gaps between batches
-    # (Batches in flight all at once would take the whole map and leave nothing to balance.)
-    assert max(counts) <= 2400 // (2 * window) + 1
+    # None more than half a slot's share of what was left (or the ~5 ms floor), so the
+    # batches shrink towards the end and the last ones balance the slots.
+    left = 2400
+    for count in counts:
+        assert count <= max(-(-left // (2 * client.slots)), 5), (count, left, counts)
+        left -= count
+    # ... and few of them, halving each round near the end: 22 here on 2 slots (each a
+    # twelfth of what was left, as before, made 38).
+    assert len(counts) <= 14 * client.slots, counts
     assert counts[-1] < max(counts)  # and smaller again at the end
