@@ -34,7 +34,8 @@ broker's FIFO and load balancing decide whenever there is contention.
 Only what needs nothing of the broker goes direct: a task with a pickled
 function and small plain arguments (no scattered data, futures, queue,
 resources, delay, unique key or rate limit), from a client with nothing else in
-flight, to a broker without ``--store`` or Curve.  Everything else, and every
+flight, to a broker without ``--store`` or Curve.  A small map's one batch is
+such a task (see shoal.mapping.UNSPLIT_SECONDS).  Everything else, and every
 task of a burst, takes the broker's path.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ SCHEME = "unix://"
 #: long of finishing a direct task has that task run again elsewhere.
 NOTICE_SECONDS = 0.01
 #: Task options the worker itself carries out (the rest need the broker).
-WORKER_OPTIONS = frozenset({"kw", "m", "rty", "tmo", "rb", "rbm", "rj", "ron"})
+WORKER_OPTIONS = frozenset({"kw", "m", "n", "rty", "tmo", "rb", "rbm", "rj", "ron"})
 #: A worker's result or bounce that beat its client's submission waits this long.
 EARLY_SECONDS = 60.0
 #: The broker remembers this many finished direct units, to tell a late duplicate

@@ -177,6 +177,40 @@ def test_tasks_submitted_in_a_burst_go_through_the_broker(cluster):
         assert direct_sent(client) - sent <= 1
 
 
+def test_a_small_map_goes_in_one_batch_straight_to_a_worker(cluster):
+    with cluster.client() as client:
+        offered = offered_worker(client)
+        assert client.map(inc, range(10)).result(timeout=10) == list(range(1, 11))  # measures
+        before = client.status()["counts"]["done"]
+        sent = direct_sent(client)
+        res = client.map(inc, range(10))
+        assert res.result(timeout=10) == list(range(1, 11))
+        assert len(res.batches) == 1 and direct_sent(client) - sent == 1
+        assert res.worker_counts() == {offered: 10}
+        wait_until(lambda: client.status()["counts"]["done"] - before >= 1, 10,
+                   message="the broker to count the direct batch done")
+        # Enough work to be worth spreading goes through the broker, in several batches.
+        sent = direct_sent(client)
+        assert client.map(inc, range(20_000)).result(timeout=30)[-1] == 20_000
+        assert direct_sent(client) == sent
+
+
+def test_a_direct_map_batch_whose_worker_is_killed_runs_again_on_another(tmp_path):
+    gate = Gate(tmp_path / "gate")
+    with running_cluster(n_workers=2) as cluster, cluster.client() as client:
+        offered_worker(client)
+        sent = direct_sent(client)
+        res = client.map(hold, [gate.path], [gate.started_dir])
+        wait_until(lambda: gate.started() == 1, 20, message="the batch to start")
+        assert direct_sent(client) - sent == 1
+        victim = int(os.listdir(gate.started_dir)[0].split("-")[0])
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: gate.started() == 2, 30, message="the batch to start again")
+        gate.open()
+        (pid,) = res.result(timeout=30)
+        assert pid != victim
+
+
 def test_a_busy_worker_bounces_a_direct_task_which_then_runs_on_another(tmp_path):
     gate = Gate(tmp_path / "gate")
     with running_cluster(n_workers=2) as cluster, cluster.client() as client, \
