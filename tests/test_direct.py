@@ -195,22 +195,6 @@ def test_a_small_map_goes_in_one_batch_straight_to_a_worker(cluster):
         assert direct_sent(client) == sent
 
 
-def test_a_direct_map_batch_whose_worker_is_killed_runs_again_on_another(tmp_path):
-    gate = Gate(tmp_path / "gate")
-    with running_cluster(n_workers=2) as cluster, cluster.client() as client:
-        offered_worker(client)
-        sent = direct_sent(client)
-        res = client.map(hold, [gate.path], [gate.started_dir])
-        wait_until(lambda: gate.started() == 1, 20, message="the batch to start")
-        assert direct_sent(client) - sent == 1
-        victim = int(os.listdir(gate.started_dir)[0].split("-")[0])
-        os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: gate.started() == 2, 30, message="the batch to start again")
-        gate.open()
-        (pid,) = res.result(timeout=30)
-        assert pid != victim
-
-
 def test_a_busy_worker_bounces_a_direct_task_which_then_runs_on_another(tmp_path):
     gate = Gate(tmp_path / "gate")
     with running_cluster(n_workers=2) as cluster, cluster.client() as client, \
@@ -229,20 +213,30 @@ def test_a_busy_worker_bounces_a_direct_task_which_then_runs_on_another(tmp_path
         assert held.result(timeout=20) == busy_pid
 
 
-def test_a_direct_task_whose_worker_is_killed_runs_again_on_another(tmp_path):
+def _held_task(client, gate):
+    future = client.submit(hold, gate.path, gate.started_dir)
+    return lambda: future.result(timeout=30)
+
+
+def _held_map(client, gate):
+    res = client.map(hold, [gate.path], [gate.started_dir])  # one item: one batch
+    return lambda: res.result(timeout=30)[0]
+
+
+@pytest.mark.parametrize("start", [_held_task, _held_map], ids=["task", "map batch"])
+def test_a_direct_unit_whose_worker_is_killed_runs_again_on_another(start, tmp_path):
     gate = Gate(tmp_path / "gate")
     with running_cluster(n_workers=2) as cluster, cluster.client() as client:
         offered_worker(client)
         sent = direct_sent(client)
-        future = client.submit(hold, gate.path, gate.started_dir)
+        pid_of_the_run = start(client, gate)
         wait_until(lambda: gate.started() == 1, 20, message="the task to start")
         assert direct_sent(client) - sent == 1
         victim = int(os.listdir(gate.started_dir)[0].split("-")[0])
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: gate.started() == 2, 30, message="the task to start again")
         gate.open()
-        pid = future.result(timeout=30)
-        assert pid != victim
+        assert pid_of_the_run() != victim
 
 
 def test_cancelling_a_running_direct_task_stops_it(tmp_path):
