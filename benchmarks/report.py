@@ -16,6 +16,8 @@ ROWS = [
     ("latency_p99_us", "main", "round trip, p99", "{:,.0f} us", "low"),
     ("submit_per_s", "main", "{submit_n:,} submits, then wait", "{:,.0f} /s", "high"),
     ("map_per_s", "main", "map, {map_n:,} trivial items", "{:,.0f} /s", "high"),
+    ("small_map_us", "main", "map, {small_map_n:,} trivial items: time, median", "{:,.0f} us",
+     "low"),
     ("spin_efficiency", "main", "map, {spin_n:,} x 5 ms: efficiency", "{:.0%}", "high"),
     ("array_median_s", "main", "100 MB array round trip, median", "{:.3g} s", "low"),
     ("stream_per_s", "stream", "generator map, {stream_n:,} items", "{:,.0f} /s", "high"),
@@ -87,6 +89,7 @@ def _tool_value(results: dict, tool: str, part: str, key: str) -> tuple:
         return None, f"({figures['stream_broker']})"
     workload = {"startup_s": "startup", "latency_median_us": "latency",
                 "latency_p99_us": "latency", "submit_per_s": "submit", "map_per_s": "map",
+                "small_map_us": "small_map",
                 "spin_efficiency": "spin", "array_median_s": "array"}.get(key, "stream")
     if workload in figures.get("errors", {}):
         return None, "error"
@@ -105,7 +108,8 @@ def _scale_value(results: dict, tool: str, w: str, key: str) -> tuple:
 
 def _params(results: dict) -> dict:
     """Workload sizes for the labels, from shoal's figures (or any tool's)."""
-    params = {"submit_n": 10_000, "map_n": 20_000, "spin_n": 2_000, "stream_n": 1_000_000}
+    params = {"submit_n": 10_000, "map_n": 20_000, "small_map_n": 10, "spin_n": 2_000,
+              "stream_n": 1_000_000}
     for entry in results["tools"].values():
         for part in ("main", "stream"):
             for key in params:
@@ -335,7 +339,8 @@ def markdown(results: dict, chart: Optional[Path]) -> str:
               "(so every tool ships them by reference). The 5 ms tasks keep the CPU busy "
               "(a spin, not a sleep). Where a map needs a chunk size, the runner tries the "
               "tool's candidates (one chunk per worker, four per worker) on the trivial map and "
-              "keeps the fastest; the 5 ms map uses four chunks per worker. shoal runs with its "
+              "keeps the fastest (the map of 10 items also tries one chunk); the 5 ms map uses "
+              "four chunks per worker. shoal runs with its "
               "defaults throughout. Start-up times exclude importing the library.", ""]
     for tool in tools:
         lines.append(f"- **{tool}**: {HOW[tool]}")
@@ -343,6 +348,10 @@ def markdown(results: dict, chart: Optional[Path]) -> str:
         if main.get("map_variants"):
             tried = "; ".join(f"`{k}` {v:,.0f}/s" for k, v in main["map_variants"].items())
             lines.append(f"  Trivial map, tried: {tried}.")
+        if main.get("small_map_variants_us"):
+            tried = "; ".join(f"`{k}` {v:,.0f} us"
+                              for k, v in main["small_map_variants_us"].items())
+            lines.append(f"  Map of {main.get('small_map_n', 10)} items, tried: {tried}.")
         versions = {}
         for part in ("main", "stream", "scale"):
             versions.update(results["tools"][tool].get(part, {}).get("versions", {}))

@@ -28,6 +28,7 @@ def test_compare_quick_pass_writes_table_and_floor(tmp_path):
         main = results["tools"][tool]["main"]
         assert "fatal" not in main and not main.get("errors"), main
         assert main["latency_median_us"] > 0 and main["map_per_s"] > 0
+        assert main["small_map_us"] > 0
         assert results["tools"][tool]["stream"]["stream_per_s"] > 0
         assert results["tools"][tool]["scale"]["scaling"]["1"]["map_per_s"] > 0
         assert not any(results["tools"][tool][p].get("leftovers") for p in ("main", "stream"))
