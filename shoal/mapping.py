@@ -23,7 +23,7 @@ TARGET_BATCH_SECONDS = 0.05
 #: ... or longer while much of a map remains, up to this long: each batch costs its
 #: worker ~1 ms between two on a busy host (on 2 cores, 2,000 x 5 ms in 50 ms batches
 #: lost 1.7%).  No batch is more than half a slot's share of what is left, so batches
-#: shrink by about half a round near the end and the last ones balance the slots.
+#: shrink by about half each round near the end and the last ones balance the slots.
 #: (At a twelfth of what was left, 2,000 x 5 ms on 2 workers went in 55 batches, 99.3%
 #: efficient; in 35 at half a slot's share, 99.4-99.5%; 500 on 1 worker, 26 -> 11.)
 MAX_BATCH_SECONDS = 0.5
