@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -321,6 +322,11 @@ class DirectInbox:
         self._conns: dict[int, socket.socket] = {}  # fd -> connection of a client
         self._buffer = bytearray(MAX_RECORD)
         self._uid = os.getuid()
+        # Asked before reading: a look at every socket costs ~0.4 us, where trying
+        # each in turn costs ~2 us (accept) and ~1 us (each connection) when, as
+        # after most tasks, nothing is waiting.
+        self._ready = select.poll()
+        self._ready.register(self.listener.fileno(), select.POLLIN)
 
     def fds(self) -> list:
         """The file descriptors to poll: the listening socket and each connection."""
@@ -328,28 +334,39 @@ class DirectInbox:
 
     def receive(self) -> list:
         """``(route, message)`` for each verified TASKS message waiting."""
-        self._accept()
+        ready = self._ready.poll(0)
+        if not ready:
+            return []
+        fds = {fd for fd, _ in ready}
+        if self.listener.fileno() in fds:
+            fds |= self._accept()  # (a new client sends its task at once)
         messages = []
-        for fd, conn in list(self._conns.items()):
+        for fd in fds:
+            conn = self._conns.get(fd)
+            if conn is None:
+                continue  # the listener
             records, still_open = recv_records(conn, self._buffer)
             for msg in verified(records, self.key, self.guard, Kind.TASKS,
                                 "on the direct endpoint"):
                 messages.append((conn, msg))
             if not still_open:
                 del self._conns[fd]
+                self._ready.unregister(fd)
                 conn.close()
                 self.version += 1
         return messages
 
-    def _accept(self) -> None:
+    def _accept(self) -> set:
+        """Take the connections waiting; return their fds."""
+        accepted = set()
         while True:
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return accepted
             except OSError as exc:  # EMFILE: out of file descriptors
                 logger.warning("the direct endpoint cannot take a connection: %s", exc)
-                return
+                return accepted
             _, uid, _ = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             if uid != self._uid:
@@ -358,7 +375,10 @@ class DirectInbox:
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._conns[conn.fileno()] = conn
+            fd = conn.fileno()
+            self._conns[fd] = conn
+            self._ready.register(fd, select.POLLIN)
+            accepted.add(fd)
             self.version += 1
 
     def deliver(self, entries: list, name: str) -> set:
