@@ -47,7 +47,7 @@ from .security import (AllowList, BrokerSecrets, ConnectionInfo, broker_secrets,
 from .serialize import host_id
 from .scheduling import RateLimits, Timers
 from .store import ResultStore, TaskResults
-from .transport import MessageTooLarge, recv_frames, release_memory, send_frames
+from .transport import MalformedBundle, MessageTooLarge, recv_frames, release_memory, send_frames
 from .workerside import WorkerSide
 
 logger = logging.getLogger(__name__)
@@ -231,12 +231,15 @@ class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Reque
                             break
                         try:
                             frames = recv_frames(sock, max_frames=self.max_frames + 1,
-                                                 max_bytes=self.max_message_bytes)
+                                                 max_bytes=self.max_message_bytes, envelope=1)
                         except zmq.Again:
                             break
                         except MessageTooLarge as exc:
                             self._drop(b"?", str(exc))
                             self._trim_due = True
+                            continue
+                        except MalformedBundle as exc:
+                            self._drop(b"?", str(exc))
                             continue
                         self._handle(frames)
                     if self.queue:
@@ -356,7 +359,7 @@ class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Reque
         """Send a message to the peer ``ident``; False if no such peer is connected."""
         try:
             send_frames(self.sock, [ident, *protocol.encode(self.key, kind, fields, frames,
-                                                             digests, self.out)])
+                                                             digests, self.out)], envelope=1)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -366,7 +369,7 @@ class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Reque
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
         if self.allow is not None:
-            self._peer_key = frames[-1].get("User-Id")
+            self._peer_key = frames[0].get("User-Id")  # (the routing frame: never bundled)
             if self.allow.name_of(self._peer_key) is None:
                 # ZAP checks a key when a connection opens; this catches one revoked since.
                 self._drop(ident, "its key is no longer on the allow-list")

@@ -416,10 +416,9 @@ class ClientIO:
         # Ask the socket whether more is waiting instead of reading until
         # zmq.Again: raising that costs more than the check.
         while sock.get(_EVENTS) & _POLLIN:
-            frames = recv_frames(sock)
             self._last_heard = time.monotonic()
             try:
-                msg = protocol.decode(self._key, frames, guard=self._guard)
+                msg = protocol.decode(self._key, recv_frames(sock), guard=self._guard)
             except FrameAltered as exc:
                 logger.error("a message from the broker was altered in transit: %s", exc)
                 if exc.message.kind == Kind.RESULTS:

@@ -324,9 +324,8 @@ class Worker(Execution):
         # Check for waiting messages rather than reading until zmq.Again:
         # raising it costs more than the check, twice per task.
         while sock.get(_EVENTS) & _POLLIN:
-            frames = recv_frames(sock)
             try:
-                msg = protocol.decode(self.key, frames, guard=self.guard)
+                msg = protocol.decode(self.key, recv_frames(sock), guard=self.guard)
             except FrameAltered as exc:
                 logger.error("a message from the broker was altered in transit: %s", exc)
                 if exc.message.kind == Kind.TASKS:

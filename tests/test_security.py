@@ -33,6 +33,7 @@ import shoal
 from shoal import protocol, serialize
 from shoal.protocol import Kind
 from shoal.security import ConnectionInfo, HandshakeWatch, apply_curve, read_connection_file
+from shoal.transport import recv_frames
 
 from conftest import wait_until
 
@@ -165,7 +166,7 @@ class RawPeer:
         """The next message (unchecked for replays), or None after ``timeout`` seconds."""
         if not self.sock.poll(int(timeout * 1000)):
             return None
-        return protocol.decode(self.key, self.sock.recv_multipart())
+        return protocol.decode(self.key, recv_frames(self.sock, block=True))
 
     def wait_for(self, kind: str, timeout: float = 10.0) -> tuple:
         """``(message of kind, [messages of other kinds received meanwhile])``."""
