@@ -108,6 +108,9 @@ class Admission:
             raise ValueError(f"malformed direct outcomes {done!r:.80}")
         done_tids = {d[0] for d in done} if done else None
         pos = self._store_objects(ident, msg)
+        # What its client had of them, by task number: most settle at once, below.
+        reported = self._reported(header["u"], done, frames, pos) if done else None
+        worker = self._worker_named(direct) if reported else None
         now = time.monotonic()
         durable = self.durable.durable
         for tid, refs, n, meta in header["u"]:
@@ -116,6 +119,11 @@ class Admission:
             if type(tid) is not int or not 0 < tid < (1 << 56 if direct is None else TID_MASK + 1):
                 raise ValueError(f"malformed task number {tid!r}")
             bid = next(self._ids) if direct is None else direct_bid(base, tid)
+            if reported and tid in reported and self._settle_reported(
+                    client, worker, bid, tid, meta, reported[tid], now):
+                del reported[tid]
+                pos += n
+                continue
             unit = Unit(bid, ident, tid, refs, frames[pos:pos + n],
                         protocol.frame_digests(header, pos, pos + n), meta, queued_at=now,
                         key=task_key(client.cid, tid) if client.cid else b"")
@@ -153,7 +161,10 @@ class Admission:
                 self._warn_if_unrunnable(client, unit)
         self.counts["submitted"] += len(header["u"])
         if done:
-            self._reported_outcomes(base, direct, done, frames[pos:])
+            if reported is None:  # (units of a shape the loop above refused raise there)
+                reported = self._reported((), done, frames, pos)
+            if reported:
+                self._reported_outcomes(base, direct, reported)
 
     def _check_options(self: "Broker", unit: Unit) -> Optional[dict]:
         """Read a unit's task options; the metadata of its refusal if they are bad,

@@ -30,7 +30,7 @@ import zmq
 from . import protocol
 from .protocol import SESSION_BOUND, Kind, ProtocolError, ReplayGuard, Session, VersionMismatch
 from .admission import Admission
-from .direct import Early, ValuesToCome
+from .direct import Early
 from .directside import DirectUnits
 from .durable import MemoryOnly
 from .flow import Flow
@@ -158,7 +158,6 @@ class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Reque
         # Each client's base for the ids of units it hands straight to workers.
         self._direct_bases = itertools.count(int.from_bytes(os.urandom(2), "big"))
         self.early = Early()  # direct units' results that beat their submissions
-        self.values_to_come = ValuesToCome()  # direct units' values their clients kept
         # Identifies this run of the broker: a client that sees it change knows
         # the broker restarted and what it had in flight is gone.
         self.session = os.urandom(8).hex()
@@ -318,8 +317,6 @@ class Broker(Admission, WorkerSide, DirectUnits, Liveness, Flow, Recovery, Reque
         self.results.expire()
         if self.early:
             self.early.expire()
-        if self.values_to_come:
-            self._values_lost(self.values_to_come.expire())
         self._expire_kept()
         if self.fetches:
             self._expire_fetches()

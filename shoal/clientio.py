@@ -21,7 +21,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize
 from .errors import (BrokerError, BrokerLost, BrokerUnreachable, ClientClosed, NoWorkersError,
                      TransferError)
-from .direct import (CLIENT_COPY, CLIENT_HELD, NOTICE_SECONDS, direct_bid, eligible, ms_until,
+from .direct import (CLIENT_COPY, NOTICE_SECONDS, direct_bid, eligible, ms_until,
                      send_record)
 from .futures import Future
 from .outcomes import settle
@@ -396,19 +396,20 @@ class ClientIO:
                 group = self._direct_open.pop(tid, None)
                 if group is not None:  # the broker gets this client's copy too
                     held = self._noted_group(group)
-                    if status == "ok":
-                        # Without the value (the worker's copy brings it), nor the
-                        # arguments of a unit the broker is yet to hear of: it will not
-                        # run again (see shoal.direct.CLIENT_HELD).
-                        unit = held.units.get(tid)
-                        if unit is not None:
-                            entry = unit[0]
-                            unit[0], unit[1] = [tid, entry[1], 0, entry[3]], ()
-                        held.done.append([tid, status, 0, {**meta, "dd": CLIENT_COPY,
-                                                           CLIENT_HELD: 1}])
-                    else:
-                        held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
-                        held.done_frames.extend(msg.frames[pos:pos + n])
+                    # With its outcome, and without the arguments of a unit the
+                    # broker is yet to hear of: it will not run again.
+                    unit = held.units.get(tid)
+                    if unit is not None:
+                        entry = unit[0]
+                        unit[0], unit[1] = [tid, entry[1], 0, entry[3]], ()
+                    held.done.append([tid, status, n, {**meta, "dd": CLIENT_COPY}])
+                    held.done_frames.extend(msg.frames[pos:pos + n])
+                elif (tid not in self._pending and isinstance(meta.get("w"), str)
+                      and self._direct.base is not None):
+                    # Its worker's late result: the unit ran again elsewhere (that worker
+                    # was declared lost), and the broker counts this as a duplicate.
+                    held = self._noted_group((meta["w"], self._direct.base))
+                    held.done.append([tid, status, 0, {"dd": CLIENT_COPY}])
                 pos += n
             self._on_results(msg)
 

@@ -123,7 +123,6 @@ class Control(threading.Thread):
                                                   STREAM_SECONDS) * 1000)))
                     if watching:
                         worker.bounce_direct(self.bounce)
-                        worker.send_noted_aside(self._send_results)
                     if self._wake_r in ready:
                         try:
                             os.read(self._wake_r, 4096)
@@ -158,9 +157,6 @@ class Control(threading.Thread):
                 entry[0].set()  # a task waiting for an answer stops waiting
             os.close(self._wake_r)
             os.close(self._wake_w)
-
-    def _send_results(self, fields: dict, frames: list) -> None:
-        self._send(Kind.RESULTS, fields, frames)
 
     def bounce(self, bids: list) -> None:
         """Give direct units back to the broker (see Worker.bounce_direct)."""

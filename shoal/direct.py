@@ -2,22 +2,22 @@
 own host, and the worker answers it straight back, so a round trip crosses
 two IPC hops instead of four through the broker.
 
-The broker still learns everything it would otherwise see, in parallel: the
-client sends it the same submission, marked as handed to that worker (so it
-records the unit as running there, holds its frames to run it again should the
-worker die, and serves cancels, dependents and ``shoal status`` as usual), and
-the worker sends it the result too, marked as delivered (so it keeps it and
-settles dependents, but does not forward it).  Both copies wait up to
-:data:`NOTICE_SECONDS` to leave in batches (the client's before anything else it
-sends the broker, so the order of its messages holds; the worker's sent by its
-control thread should its one slot be busy meanwhile); the client's carries the
-outcomes it has by then, so its own next request sees them.  A successful one
-goes without its value, and without the arguments of a unit the broker is yet
-to hear of (it will not run again): those frames were the largest cost of the
-copies (a flush of ~50 tasks took the client ~150 us, now ~85 us), and the
-worker's copy brings the value (:class:`ValuesToCome`).  A worker's result
-(or bounce) may reach the broker before the client's submission; it is held
-until the submission comes (:class:`Early`).
+The broker still learns everything it would otherwise see, from the client: a
+copy of the submission, marked as handed to that worker (so it records the unit
+as running there, holds its frames to run it again should the worker die, and
+serves cancels, dependents and ``shoal status`` as usual), with the outcomes the
+client has by then, values included, marked as delivered (so the broker keeps
+them and settles dependents, but does not forward them; a unit done by then
+travels without its arguments, as it will not run again).  The copy waits up
+to :data:`NOTICE_SECONDS` to leave with others, and before anything else the
+client sends the broker, so the order of its messages holds and its own next
+request sees those tasks done.  The worker sends the broker only what it could
+not deliver (a large result, a client gone), bounces and retries: once it also
+sent a copy of each delivered result, and the broker's work on the two copies
+(~20 us a task, now ~11) came in bursts that held up round trips on 2 cores (over
+600 us: ~1.6% of them, now ~0.9%).
+A worker's result (or bounce) may reach the broker before the client's
+submission; it is held until the submission comes (:class:`Early`).
 
 The two sides talk over a Unix socket of the SEQPACKET kind, one record per
 message, read and written by the thread that needs it: no libzmq IO thread
@@ -66,12 +66,11 @@ MAX_DIRECT_BYTES = 1 << 16
 MAX_RECORD = 4 * MAX_DIRECT_BYTES
 #: The scheme of a worker's direct endpoint: a Unix SEQPACKET socket's path.
 SCHEME = "unix://"
-#: The broker's copies of direct traffic (the client's submissions, the worker's
-#: results) wait up to this long to leave in batches: woken for every round trip,
-#: the broker's process takes a core from the client and worker on a small host
+#: The broker's copy of direct traffic (the client's submissions and outcomes)
+#: waits up to this long to leave in batches: woken for every round trip, the
+#: broker's process takes a core from the client and worker on a small host
 #: (2 cores here: round trip median 255-300 us told at once, 205-220 us at 5 ms,
-#: 190-205 us at 10 ms, 187-195 us never told).  A worker killed within this
-#: long of finishing a direct task has that task run again elsewhere.
+#: 190-205 us at 10 ms, 187-195 us never told).
 NOTICE_SECONDS = 0.01
 #: Task options the worker itself carries out (the rest need the broker).
 WORKER_OPTIONS = frozenset({"kw", "m", "n", "rty", "tmo", "rb", "rbm", "rj", "ron"})
@@ -82,13 +81,9 @@ EARLY_SECONDS = 60.0
 FINISHED_KEPT = 50_000
 
 
-#: ``meta["dd"]`` of an outcome the broker need not forward: sent by the worker
-#: that delivered it straight to its client, or by that client, which had it.
-WORKER_COPY, CLIENT_COPY = 1, 2
-#: In the meta of a client's copy of a successful outcome: the value stayed with the
-#: client (the copy carries no frames), and comes to the broker with the worker's copy
-#: (see :class:`ValuesToCome`).
-CLIENT_HELD = "hc"
+#: ``meta["dd"]`` of an outcome the broker need not forward: its client's copy of
+#: what the worker delivered straight to it.
+CLIENT_COPY = 2
 
 
 def ms_until(due: float) -> int:
@@ -427,31 +422,24 @@ class Early:
 
     def __init__(self) -> None:
         self._held: dict[int, tuple] = {}  # bid -> (worker ident, entry, frames, digests, at)
-        # The last FINISHED_KEPT direct units done -> which copy of the outcome settled
-        # each: WORKER_COPY, CLIENT_COPY, or 0 (a run the broker itself dispatched).
-        self._finished: dict[int, int] = {}
+        self._finished: dict[int, None] = {}  # the last FINISHED_KEPT direct units done
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def finished(self, bid: int, copy: int) -> None:
+    def __contains__(self, bid: int) -> bool:
+        return bid in self._held
+
+    def finished(self, bid: int) -> None:
         finished = self._finished
-        finished[bid] = copy
+        finished[bid] = None
         if len(finished) > FINISHED_KEPT:
             del finished[next(iter(finished))]
 
-    def late(self, bid: int, copy: int) -> Optional[bool]:
-        """For an outcome of ``bid`` that comes after it finished: True if it is a
-        duplicate (a second run), False if it is the other copy of the one outcome
-        (the worker's after the client's, or the reverse); None if ``bid`` is not
-        known to have finished (the outcome is early)."""
-        first = self._finished.get(bid)
-        if first is None:
-            return None
-        if first and copy and first != copy:
-            del self._finished[bid]  # both copies are in: a third would be a duplicate
-            return False
-        return True
+    def late(self, bid: int) -> bool:
+        """Whether an outcome of ``bid`` the broker has no unit for comes after it
+        finished (a duplicate: a second run), not before its submission (early)."""
+        return bid in self._finished
 
     def hold(self, ident: bytes, entry: list, frames: list, digests: dict) -> None:
         self._held[entry[0]] = (ident, entry, frames, digests, time.monotonic())
@@ -465,57 +453,3 @@ class Early:
         for bid in gone:
             del self._held[bid]
         return len(gone)
-
-
-class ValuesToCome:
-    """Results of direct units that their client's copy settled without the value
-    (:data:`CLIENT_HELD`), until the worker's copy brings it; tasks that take one,
-    and requests for one by id, wait for it here.
-
-    A value that does not come within :data:`EARLY_SECONDS` (its worker was lost
-    before it sent its copies) is given up: the broker never kept it.
-    """
-
-    def __init__(self, patience: float = EARLY_SECONDS) -> None:
-        self.patience = patience
-        self._keys: dict[int, bytes] = {}  # unit id -> task key
-        self._waiting: dict[bytes, tuple] = {}  # task key -> (since, dependents, fetchers)
-
-    def __bool__(self) -> bool:
-        return bool(self._keys)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._waiting
-
-    def expect(self, bid: int, key: bytes) -> None:
-        self._keys[bid] = key
-        self._waiting[key] = (time.monotonic(), [], [])
-
-    def wait(self, key: bytes, dependent=None, fetcher: Optional[tuple] = None) -> None:
-        """Hold a dependent unit, or an ``(ident, tid)`` fetch, for ``key``'s value."""
-        _, dependents, fetchers = self._waiting[key]
-        if dependent is not None:
-            dependents.append(dependent)
-        if fetcher is not None:
-            fetchers.append(fetcher)
-
-    def arrived(self, bid: int) -> Optional[tuple]:
-        """``(key, dependents, fetchers)`` if ``bid``'s value was to come, else None."""
-        key = self._keys.pop(bid, None)
-        if key is None:
-            return None
-        _, dependents, fetchers = self._waiting.pop(key)
-        return key, dependents, fetchers
-
-    def expire(self) -> list:
-        """``(key, dependents, fetchers)`` of the values that did not come in time."""
-        now, due = time.monotonic(), []
-        for bid, key in self._keys.items():  # (in the order expected: the oldest first)
-            if now - self._waiting[key][0] <= self.patience:
-                break
-            due.append(bid)
-        gone = []
-        for bid in due:
-            key = self._keys.pop(bid)
-            gone.append((key, *self._waiting.pop(key)[1:]))
-        return gone

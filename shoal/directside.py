@@ -11,12 +11,12 @@ the first settles it, the other is dropped (a third is a counted duplicate).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from . import protocol
-from .direct import direct_bid
+from .direct import WORKER_OPTIONS, direct_bid
 from .protocol import Kind
-from .records import DEFAULT_QUEUE, RUNNING, ClientRecord, Unit
+from .records import COUNTED, DEFAULT_QUEUE, RUNNING, ClientRecord, Unit, task_key
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -56,22 +56,65 @@ class DirectUnits:
             self._on_results(ident, protocol.Message(Kind.RESULTS, header, frames))
         return True
 
-    def _reported_outcomes(self: "Broker", base: int, name: str, done: list,
-                           frames: list) -> None:
-        """Outcomes of direct units that their client had before it told the broker of
-        them (``do``, frames after the units'): settled now, so that client sees them
-        done (and their results kept) at once, not when the worker's copy comes."""
-        worker = self._worker_named(name)
-        entries, kept, pos = [], [], 0
+    def _reported(self: "Broker", units, done: list, frames: list, pos: int) -> Optional[dict]:
+        """``{task number: (status, frames, meta)}`` of the outcomes a client's copy brought
+        (``do``: their frames follow those of ``units``, which begin at ``pos``); None
+        when ``units`` are of a shape the caller will refuse."""
+        for unit in units:
+            if not (isinstance(unit, list) and len(unit) == 4 and type(unit[2]) is int
+                    and unit[2] >= 0):
+                return None
+            pos += unit[2]
+        outcomes = {}
         for tid, status, n, meta in done:
+            outcomes[tid] = (status, frames[pos:pos + n], meta)
+            pos += n
+        return outcomes
+
+    def _settle_reported(self: "Broker", client: ClientRecord, worker, bid: int, tid: int,
+                         unit_meta: dict, outcome: tuple, now: float) -> bool:
+        """Settle at once a direct unit that its client's copy brings with its outcome:
+        its result kept and counted as a unit's would be, no unit made, queued, started
+        and settled (the broker's CPU a direct round trip: ~20 -> ~11 us).
+
+        False, for the caller to take the usual path, when anything more is asked of
+        it: events watched, a request for it by id waiting, a message of its worker's
+        come early, task options, a result in shared memory, its worker gone.
+        """
+        status, frames, meta = outcome
+        key = task_key(client.cid, tid) if client.cid else b""
+        if (worker is None or self.watchers or status not in ("ok", "err") or "sb" in meta
+                or bid in self.early or not WORKER_OPTIONS.issuperset(unit_meta)
+                or (key and (key in self.fetches or key in self.by_key))):
+            return False
+        meta.pop("dd", None)
+        self.early.finished(bid)
+        worker.done += 1
+        worker.progress_at = now
+        t = meta.get("t")
+        if t is not None:
+            worker.observe(t)
+        self.counts[COUNTED[status]] += 1
+        meta["w"] = worker.name
+        if key and "m" not in unit_meta:  # (a map's batch is its client's to read)
+            for gone in self.kept.put(key, status, frames, meta, {}):
+                self._release_result(gone)
+        return True
+
+    def _reported_outcomes(self: "Broker", base: int, name: str, outcomes: dict) -> None:
+        """Outcomes of direct units that their client had before it told the broker of
+        them and that were not settled at once (see _settle_reported): settled now, so
+        that client sees them done (and their results kept) at once."""
+        worker = self._worker_named(name)
+        entries, kept = [], []
+        for tid, (status, frames, meta) in outcomes.items():
             bid = direct_bid(base, tid)
             unit = self.tasks.get(bid)
             # (One queued again, its worker gone before the broker heard of it, runs
             # again and settles then: it may not be taken from the queue here.)
             if unit is None or unit.state == RUNNING:
-                entries.append([bid, status, n, meta])
-                kept.extend(frames[pos:pos + n])
-            pos += n
+                entries.append([bid, status, len(frames), meta])
+                kept.extend(frames)
         if entries:
             self._on_results(worker.ident if worker is not None else b"",
                              protocol.Message(Kind.RESULTS, {"r": entries}, kept))

@@ -20,7 +20,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Optional
 
-from .direct import CLIENT_HELD
 from .protocol import Kind
 from .records import (LIMITED, PARKED, QUEUED, RUNNING, SCHEDULED, WAITING, StoredObject, Unit,
                       task_id)
@@ -94,10 +93,6 @@ class Flow:
                     # memory that its client unlinks on arrival.
                     producer.meta["ns"] = 1
                 waiting.add(key)
-                continue
-            if key in self.values_to_come:  # it finished; its value is on its way
-                waiting.add(key)
-                self.values_to_come.wait(key, dependent=unit)
                 continue
             kept = self.kept.get(key)
             if kept is None and key[1:9] == self.clients[unit.client].cid:
@@ -175,9 +170,8 @@ class Flow:
             del self.by_key[key]
         for dep in unit.meta.get("dp", ()):
             self._unuse(dep)
-        if "m" not in unit.meta and key and "sb" not in meta and CLIENT_HELD not in meta:
-            # (A result in shared memory is its client's: not kept; one whose value
-            # stayed with its client is kept when the worker's copy brings it.)
+        if "m" not in unit.meta and key and "sb" not in meta:
+            # (A result in shared memory is its client's: not kept.)
             for gone in self.kept.put(key, status, frames, meta, digests):
                 self._release_result(gone)
         if self.durable.durable:
@@ -192,15 +186,6 @@ class Flow:
         if self.watchers:
             self._event(_EVENT_OF.get(status, "task-failed"), unit, worker=meta.get("w"),
                         **_event_details(status, meta))
-        if CLIENT_HELD in meta and key in self.values_to_come:
-            # Settled by its client's copy, without the value: who asked for it, or
-            # takes it, waits for the worker's copy.
-            for watcher in unit.watchers or ():
-                self.values_to_come.wait(key, fetcher=watcher)
-            for dependent in unit.dependents or ():
-                self.values_to_come.wait(key, dependent=dependent)
-            unit.watchers = unit.dependents = None
-            return
         if unit.watchers:
             for ident, tid in unit.watchers:
                 self._send_outcome(ident, tid, status, frames, meta, digests)
@@ -289,9 +274,6 @@ class Flow:
         if self._stored_outcome(key) is not None:
             self._send_kept(ident, tid, key)
             return
-        if key in self.values_to_come:  # it finished; its value is on its way
-            self.values_to_come.wait(key, fetcher=(ident, tid))
-            return
         unit = self._unit_of(key)
         if unit is None:
             # Another client may have just submitted it: its message can arrive
@@ -344,18 +326,6 @@ class Flow:
         if state in (RUNNING, WAITING):
             return state
         return "unknown"
-
-    def _values_lost(self: "Broker", lost: list) -> None:
-        """Values of direct units that never came (shoal.direct.ValuesToCome): fail
-        the tasks that take them, and tell those who asked for them."""
-        for key, dependents, fetchers in lost:
-            why = (f"the result of task {task_id(key)} was lost with its worker before the "
-                   "broker got it (its client has it)")
-            for dependent in dependents:
-                if dependent.state == WAITING:
-                    self._fail_dependency(dependent, key, "berr", {"msg": why})
-            for ident, tid in fetchers:
-                self._send(ident, Kind.ERROR, {"t": [tid], "msg": why})
 
     def _expire_fetches(self: "Broker") -> None:
         now = time.monotonic()

@@ -34,7 +34,9 @@ from typing import Sequence
 import msgpack
 
 #: 2: the signature covers every frame's length (1 signed the bytes alone).
-PROTOCOL_VERSION = 2
+#: 3: small frames travel bundled (shoal.transport); a client's copy of its direct
+#: tasks carries their values, and workers send no copy of what they delivered.
+PROTOCOL_VERSION = 3
 SIGNATURE_SIZE = 32
 BIG_FRAME = 1 << 16
 MAX_HEADER = 1 << 24

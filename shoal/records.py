@@ -29,6 +29,8 @@ QUEUED, RUNNING, PARKED = "queued", "running", "parked"
 #: retry's back-off); for a rate limit's next token.
 WAITING, SCHEDULED, LIMITED = "waiting", "scheduled", "limited"
 DEFAULT_QUEUE = "default"
+#: The count in ``status()["counts"]`` a finished unit adds to, by its status.
+COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 #: States of a unit that has not started: a cancel withdraws it at the broker.
 WAITING_STATES = frozenset({QUEUED, PARKED, WAITING, SCHEDULED, LIMITED})
 #: The owner of an object whose client left while tasks that use it wait.

@@ -23,9 +23,9 @@ from .protocol import PROTOCOL_VERSION
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32
-#: Connection files of these protocol versions hold the same fields (version 2
-#: changed only how messages are signed), so files made before an upgrade still work.
-READABLE_VERSIONS = frozenset({1, PROTOCOL_VERSION})
+#: Connection files of these protocol versions hold the same fields (versions 2 and
+#: 3 changed only messages), so files made before an upgrade still work.
+READABLE_VERSIONS = frozenset({1, 2, PROTOCOL_VERSION})
 
 
 def new_key() -> bytes:

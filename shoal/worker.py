@@ -31,7 +31,7 @@ from zmq.backend import zmq_poll
 from . import protocol, serialize, tasks
 from .capture import OutputRouter
 from .control import Control, Interrupted
-from .direct import NOTICE_SECONDS, WORKER_COPY, DirectInbox, is_direct, ms_until
+from .direct import DirectInbox, is_direct
 from .errors import TransferError
 from .execution import MAX_RESULT_SIZE, Backlog, Execution, encode_exception
 from .objects import ObjectStore
@@ -160,9 +160,6 @@ class Worker(Execution):
         self.guard = protocol.ReplayGuard()
         self.inbox = Backlog()  # for slot threads
         self.outbox: deque = deque()
-        #: results of direct units their clients have, for the broker, held until due
-        self._noted: list = []
-        self._noted_due = 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._woken = False
@@ -243,7 +240,7 @@ class Worker(Execution):
                                     (self._wake_r, _POLLIN)]
                 if self.inline:
                     # Only the sockets to watch: the cheapest wait on the latency path.
-                    ready = zmq_poll(inline_items, 250 if direct is None else self._noted_wait())
+                    ready = zmq_poll(inline_items, 250)
                     if ready:
                         if ready[-1][0] == self._wake_r:  # (polled last: last when ready)
                             self._drain_wake()
@@ -251,10 +248,8 @@ class Worker(Execution):
                         if direct is not None:
                             self._receive_direct()
                         self._run_pending()
-                    elif self._noted:
-                        self._send_noted()
                 else:
-                    ready = poller.poll(self._noted_wait())
+                    ready = poller.poll(250)
                     for sock, _ in ready:
                         if sock is self.sock:
                             self._receive()
@@ -262,8 +257,6 @@ class Worker(Execution):
                             self._receive_direct()
                         else:
                             self._flush_results()
-                    if not ready and self._noted:
-                        self._send_noted()
         finally:
             self._close()
 
@@ -304,8 +297,6 @@ class Worker(Execution):
         self.control.stop()
         if self._failure is None:
             try:
-                if self._noted:
-                    self._send_noted()
                 self._send(Kind.WORKER_BYE)
             except zmq.ZMQError:
                 pass
@@ -505,65 +496,18 @@ class Worker(Execution):
             self._woken = False
         entries, frames = [], []
         outbox = self.outbox
-        # Direct units' results go straight to their clients first; the broker
-        # gets them all, those delivered marked so it does not forward them.
+        # Direct units' results go straight to their clients, which tell the broker
+        # (see shoal.direct); the rest, and those that could not go, to the broker.
         delivered = self.direct.deliver(outbox, self.name) if (
             self.direct is not None and self.direct.routes) else ()
         while outbox:
             bid, status, out_frames, meta = outbox.popleft()
             if delivered and bid in delivered:
-                meta = {**meta, "dd": WORKER_COPY}
+                continue
             entries.append([bid, status, len(out_frames), meta])
             frames.extend(out_frames)
-        if not entries:
-            return
-        noted = self._noted
-        if delivered and len(delivered) == len(entries):
-            # Only results their clients have: the broker's copy waits a moment, to
-            # leave with others (see shoal.direct.NOTICE_SECONDS).
-            if not noted:
-                self._noted_due = time.monotonic() + NOTICE_SECONDS
-            noted.append((entries, frames))
-            if time.monotonic() >= self._noted_due:
-                self._send_noted()
-            return
-        if noted:
-            self._send_noted()
-        self._send(Kind.RESULTS, {"r": entries}, frames)
-
-    def _noted_wait(self) -> int:
-        """Milliseconds to wait for work: until the held copies for the broker are due."""
-        return ms_until(self._noted_due) if self._noted else 250
-
-    def _send_noted(self) -> None:
-        """Send the broker the direct units' results it has not been sent yet."""
-        self._send(Kind.RESULTS, *self._take_noted())
-
-    def _take_noted(self) -> tuple:
-        """``({"r": entries}, frames)`` of the held copies for the broker, cleared."""
-        entries, frames = [], []
-        for held_entries, held_frames in self._noted:
-            entries.extend(held_entries)
-            frames.extend(held_frames)
-        self._noted.clear()
-        return {"r": entries}, frames
-
-    def send_noted_aside(self, send) -> None:
-        """On the control thread: while the one slot runs a task, send the broker the
-        held copies that fell due, with ``send(fields, frames)``, rather than leave them
-        behind that task (a task that takes one of their values waits for it: see
-        shoal.direct.CLIENT_HELD)."""
-        if not self._noted or time.monotonic() < self._noted_due:
-            return
-        direct = self.direct
-        if not direct.lock.acquire(blocking=False):
-            return  # the main thread is between tasks: it sends them itself
-        try:
-            fields, frames = self._take_noted()
-        finally:
-            direct.lock.release()
-        if fields["r"]:
-            send(fields, frames)
+        if entries:
+            self._send(Kind.RESULTS, {"r": entries}, frames)
 
 
 @functools.lru_cache(maxsize=None)

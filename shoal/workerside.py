@@ -10,9 +10,9 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from . import protocol
-from .direct import CLIENT_HELD, SCHEME as DIRECT_SCHEME, is_direct
+from .direct import SCHEME as DIRECT_SCHEME, is_direct
 from .protocol import Kind, identity_field
-from .records import (BATCH_AHEAD_SECONDS, DEFAULT_QUEUE, QUEUED, RUNNING, ClientRecord, Unit,
+from .records import (BATCH_AHEAD_SECONDS, COUNTED, DEFAULT_QUEUE, QUEUED, RUNNING, ClientRecord, Unit,
                       WorkerRecord)
 from .routing import parse_resources
 
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from .broker import Broker
 
 logger = logging.getLogger(__name__)
-
-_COUNTED = {"ok": "done", "err": "failed", "cancelled": "cancelled"}
 
 
 def _worker_label(worker: Optional[WorkerRecord]) -> str:
@@ -193,17 +191,11 @@ class WorkerSide:
         for bid, status, n, meta in header["r"]:
             start, pos = pos, pos + n
             if is_direct(bid) and bid not in self.tasks:
-                late = self.early.late(bid, meta.get("dd", 0))
-                if late:
+                if self.early.late(bid):
                     self.counts["duplicates"] += 1
-                elif late is None:  # it beat its client's submission: held until that comes
+                else:  # it beat its client's submission: held until that comes
                     self.early.hold(ident, [bid, status, n, meta], frames[start:pos],
                                     protocol.frame_digests(header, start, pos))
-                elif self.values_to_come:  # the value its client's copy lacked, maybe
-                    came = self.values_to_come.arrived(bid)
-                    if came is not None:
-                        self._value_came(*came, status, frames[start:pos], meta, worker,
-                                         protocol.frame_digests(header, start, pos))
                 continue
             if status == "retry":
                 self._retry_later(bid, meta, worker)
@@ -215,12 +207,10 @@ class WorkerSide:
             if unit is None:
                 self.counts["duplicates"] += 1
                 continue
-            # A copy its client has (from the worker, or the client's own): kept, not sent on.
+            # Its client's copy of an outcome it has: kept, not sent on.
             delivered = meta.pop("dd", 0)
             if is_direct(bid):
-                self.early.finished(bid, delivered)
-                if CLIENT_HELD in meta and unit.key:
-                    self.values_to_come.expect(bid, unit.key)
+                self.early.finished(bid)
             holder = self.workers.get(unit.worker) if unit.worker else None
             if holder is not None:
                 holder.finish(bid)
@@ -234,7 +224,7 @@ class WorkerSide:
                 t = meta.get("t")
                 if t is not None:
                     worker.observe(t)  # per unit: prefetch counts units, batches included
-            self.counts[_COUNTED.get(status, "failed")] += 1
+            self.counts[COUNTED.get(status, "failed")] += 1
             meta["w"] = _worker_label(worker)
             unit_frames = frames[start:start + n]
             unit_digests = protocol.frame_digests(header, start, start + n)
@@ -258,21 +248,6 @@ class WorkerSide:
         # client that already has the exception it names.
         for outcome in settled:
             self._settled(*outcome)
-
-    def _value_came(self: "Broker", key: bytes, dependents: list, fetchers: list, status: str,
-                    frames: list, meta: dict, worker: Optional[WorkerRecord],
-                    digests: dict) -> None:
-        """The worker's copy of a direct unit that its client's copy settled without the
-        value (shoal.direct.CLIENT_HELD): keep the value; release who waits for it."""
-        meta = {k: v for k, v in meta.items() if k != "dd"}
-        meta["w"] = _worker_label(worker)
-        for gone in self.kept.put(key, status, frames, meta, digests):
-            self._release_result(gone)
-        for ident, tid in fetchers:
-            self._send_outcome(ident, tid, status, frames, meta, digests)
-        if dependents:
-            self._result_object(key, frames, digests)
-            self._release_dependents(key, dependents)
 
     def _retry_later(self: "Broker", bid: int, meta: dict, worker: Optional[WorkerRecord]) -> None:
         """A worker asks to run unit ``bid`` again after ``meta["dl"]`` seconds

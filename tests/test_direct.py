@@ -114,8 +114,8 @@ def test_a_direct_tasks_result_is_kept_by_id_and_feeds_a_dependent_task(cluster)
 
 
 def test_a_direct_tasks_value_does_not_wait_behind_its_workers_next_task(cluster, tmp_path):
-    # The client tells the broker that the task is done without its value, which
-    # the worker's copy brings: that copy must not wait for the worker's next task.
+    # The client's copy brings the broker the value: a task that takes it, or a
+    # request for it by id, need not wait for the worker, busy with its next task.
     gate = Gate(tmp_path / "gate")
     with cluster.client() as client, cluster.client() as other:
         sent = direct_sent(client)
@@ -132,21 +132,6 @@ def test_a_direct_tasks_value_does_not_wait_behind_its_workers_next_task(cluster
         finally:
             gate.open()
         assert busy.result(timeout=10) > 0
-
-
-def test_values_to_come_hold_their_waiters_until_the_value_comes_or_they_give_up():
-    values = direct.ValuesToCome()
-    values.expect(7, b"k7")
-    values.wait(b"k7", dependent="unit", fetcher=(b"client", 3))
-    assert b"k7" in values and values.arrived(8) is None
-    assert values.arrived(7) == (b"k7", ["unit"], [(b"client", 3)])
-    assert b"k7" not in values and not values
-    impatient = direct.ValuesToCome(patience=0.0)
-    impatient.expect(1, b"k1")
-    impatient.wait(b"k1", fetcher=(b"client", 4))
-    wait_until(lambda: impatient.expire() == [(b"k1", [], [(b"client", 4)])], 5,
-               message="the value to be given up")
-    assert not impatient and impatient.arrived(1) is None
 
 
 def test_exceptions_output_and_keywords_travel_the_direct_path(cluster):
