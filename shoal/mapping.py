@@ -168,7 +168,11 @@ class MapResult:
                 size = self._next_size()
                 items = list(itertools.islice(self._iter, size))
                 if items:
-                    self._send_batch(items)
+                    # The first wakes no IO thread (~25 us of this process's CPU, and
+                    # then the GIL it takes): the caller's result() or iteration,
+                    # usually next, sends it, or a parked IO thread within 5 ms; the
+                    # next ones wake it, so that a large map starts while this sends.
+                    self._send_batch(items, soon=self._submitted > 0)
                 if len(items) < size:
                     break
                 if time.perf_counter() > deadline:
@@ -280,7 +284,7 @@ class MapResult:
             self._per_item = 1e-3  # measured again from the next results
         return sorted(parts, key=lambda p: p[0])
 
-    def _send_batch(self, items: list) -> None:
+    def _send_batch(self, items: list, soon: bool = True) -> None:
         start = self._submitted
         frames, meta, refs = self._encode(items, start)
         size = serialize.payload_size(frames, meta)
@@ -294,7 +298,7 @@ class MapResult:
             self._submitted += len(items)
             self._in_flight += 1
             self._cond.notify_all()
-        self._submit(batch, frames, meta, refs)
+        self._submit(batch, frames, meta, refs, soon)
 
     def _encode(self, items: list, start: int) -> tuple:
         """``(frames, meta, refs)`` of a unit running ``items`` (input ``start`` onwards)."""
@@ -320,14 +324,15 @@ class MapResult:
             meta["k"], meta["ks"] = self.key, start
         return frames, meta, refs
 
-    def _submit(self, batch: "_Batch", frames: list, meta: dict, refs: list) -> None:
+    def _submit(self, batch: "_Batch", frames: list, meta: dict, refs: list,
+                soon: bool = True) -> None:
         client = self.client
         if "sb" in meta:
             meta["h"] = client._host
             client._segments[batch.key] = serialize.segment_names(meta)
         client._pending[batch.key] = batch
         client._post((Kind.SUBMIT, batch.key, self._fn_digest, self._fn_payload, refs, frames, meta),
-                     soon=True)
+                     soon=soon)
 
     def split(self, batch: "_Batch") -> bool:
         """Rerun a batch whose worker died, one item per unit; False if it cannot be.
