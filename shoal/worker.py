@@ -475,6 +475,11 @@ class Worker(Execution):
                     finally:
                         direct.lock.acquire()
             if not pending:
+                if direct is not None and direct.routes:
+                    # A direct unit's result goes to its client before this looks
+                    # for more work.
+                    self._flush_results()
+                    flushed = time.perf_counter()
                 self._receive()  # pick up work that arrived meanwhile
                 if direct is not None:
                     self._receive_direct()
