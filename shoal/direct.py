@@ -140,6 +140,9 @@ class DirectLinks:
         self.version = 0  # changes when a link opens or closes (pollers re-read links)
         self.sent = 0
         self._buffer = bytearray(MAX_RECORD)
+        # Asked before reading, as the worker's endpoint does (see DirectInbox).
+        self._ready = select.poll()
+        self._by_fd: dict[int, str] = {}  # a link's fd -> its endpoint
 
     def learn(self, header: dict) -> None:
         """Read what a broker's WELCOME or HEARTBEAT offers; close links to workers gone."""
@@ -179,29 +182,38 @@ class DirectLinks:
                 self.offered = [entry for entry in self.offered if entry[1] != endpoint]
                 return None
             self.links[endpoint] = link
+            fd = link.sock.fileno()
+            self._by_fd[fd] = endpoint
+            self._ready.register(fd, select.POLLIN)
             self.version += 1
         return link
 
     def receive(self, key: bytes, guard: protocol.ReplayGuard) -> list:
-        """The verified RESULTS messages waiting on the links (others are dropped);
-        a link whose worker closed it is closed too."""
+        """The verified RESULTS messages waiting on the links (others are dropped),
+        one a link (a poll finds the rest); a link whose worker closed it is closed too."""
         messages = []
-        for endpoint, link in list(self.links.items()):
-            records, still_open = recv_records(link.sock, self._buffer)
-            messages.extend(verified(records, key, guard, Kind.RESULTS, "on a direct link"))
+        for fd, _ in self._ready.poll(0):
+            endpoint = self._by_fd.get(fd)
+            if endpoint is None:
+                continue
+            frames, still_open = recv_record(self.links[endpoint].sock, self._buffer)
+            if frames is not None:
+                messages.extend(verified([frames], key, guard, Kind.RESULTS, "on a direct link"))
             if not still_open:
                 self._drop(endpoint)
         return messages
 
     def _drop(self, endpoint: str) -> None:
-        self.links.pop(endpoint).close()
+        link = self.links.pop(endpoint)
+        fd = link.sock.fileno()
+        self._by_fd.pop(fd, None)
+        self._ready.unregister(fd)
+        link.close()
         self.version += 1
 
     def close(self) -> None:
-        for link in self.links.values():
-            link.close()
-        self.links.clear()
-        self.version += 1
+        for endpoint in list(self.links):
+            self._drop(endpoint)
 
 
 def eligible(tid: int, fn_digest: Optional[bytes], refs: list, parts: list, meta: dict) -> bool:
@@ -229,25 +241,23 @@ def send_record(sock: socket.socket, frames: list) -> bool:
     return True
 
 
-def recv_records(sock: socket.socket, buffer: bytearray) -> tuple:
-    """``(messages, open)``: the messages (lists of frames) waiting on ``sock``, and
-    False once its peer closed it.  Malformed records are dropped with a log line."""
-    messages = []
-    view = memoryview(buffer)
-    while True:
-        try:
-            n, _, flags, _ = sock.recvmsg_into([buffer])
-        except (BlockingIOError, InterruptedError):
-            return messages, True
-        except OSError:  # ECONNRESET
-            return messages, False
-        if n == 0:
-            return messages, False  # (no record here is empty: this is the end)
-        frames = None if flags & socket.MSG_TRUNC else _unpack(view[:n])
-        if frames is None:
-            logger.warning("dropped a malformed record (%d bytes) on a direct socket", n)
-        else:
-            messages.append(frames)
+def recv_record(sock: socket.socket, buffer: bytearray) -> tuple:
+    """``(frames, open)``: the next message on ``sock`` (a poll found it readable: no
+    read then ends in EAGAIN, whose exception costs more than the poll), None if
+    there is none or it is malformed (dropped with a log line); and False once its
+    peer closed it."""
+    try:
+        n, _, flags, _ = sock.recvmsg_into([buffer])
+    except (BlockingIOError, InterruptedError):
+        return None, True
+    except OSError:  # ECONNRESET
+        return None, False
+    if n == 0:
+        return None, False  # (no record here is empty: this is the end)
+    frames = None if flags & socket.MSG_TRUNC else _unpack(memoryview(buffer)[:n])
+    if frames is None:
+        logger.warning("dropped a malformed record (%d bytes) on a direct socket", n)
+    return frames, True
 
 
 def verified(records: list, key: bytes, guard: protocol.ReplayGuard, kind: str,
@@ -340,10 +350,11 @@ class DirectInbox:
             conn = self._conns.get(fd)
             if conn is None:
                 continue  # the listener
-            records, still_open = recv_records(conn, self._buffer)
-            for msg in verified(records, self.key, self.guard, Kind.TASKS,
-                                "on the direct endpoint"):
-                messages.append((conn, msg))
+            frames, still_open = recv_record(conn, self._buffer)
+            if frames is not None:
+                for msg in verified([frames], self.key, self.guard, Kind.TASKS,
+                                    "on the direct endpoint"):
+                    messages.append((conn, msg))
             if not still_open:
                 del self._conns[fd]
                 self._ready.unregister(fd)
