@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from . import protocol
-from .direct import SCHEME as DIRECT_SCHEME, is_direct
+from .direct import DIRECT_BIT, SCHEME as DIRECT_SCHEME
 from .protocol import Kind, identity_field
 from .records import (BATCH_AHEAD_SECONDS, COUNTED, DEFAULT_QUEUE, QUEUED, RUNNING, ClientRecord, Unit,
                       WorkerRecord)
@@ -188,9 +188,15 @@ class WorkerSide:
         outgoing: dict[bytes, tuple[list, list, dict]] = {}
         settled = []
         pos = 0
+        # Per message, not per unit (a burst's results come ~100 a message).
+        tasks, clients, counts = self.tasks, self.clients, self.counts
+        label = _worker_label(worker)
+        big = "bd" in header  # large frames: their digests re-indexed per unit
+        finished = 0
         for bid, status, n, meta in header["r"]:
             start, pos = pos, pos + n
-            if is_direct(bid) and bid not in self.tasks:
+            direct = bid >= DIRECT_BIT
+            if direct and bid not in tasks:
                 if self.early.late(bid):
                     self.counts["duplicates"] += 1
                 else:  # it beat its client's submission: held until that comes
@@ -203,32 +209,34 @@ class WorkerSide:
             if status == "bounce":
                 self._bounced(bid, worker)
                 continue
-            unit = self.tasks.pop(bid, None)
+            unit = tasks.pop(bid, None)
             if unit is None:
-                self.counts["duplicates"] += 1
+                counts["duplicates"] += 1
                 continue
             # Its client's copy of an outcome it has: kept, not sent on.
             delivered = meta.pop("dd", 0)
-            if is_direct(bid):
+            if direct:
                 self.early.finished(bid)
-            holder = self.workers.get(unit.worker) if unit.worker else None
-            if holder is not None:
-                holder.finish(bid)
-            client = self.clients.get(unit.client)
+            if unit.worker:
+                holder = worker if worker is not None and unit.worker == worker.ident \
+                    else self.workers.get(unit.worker)
+                if holder is not None:
+                    holder.finish(bid)
+            client = clients.get(unit.client)
             if client is not None:
                 client.tasks.pop(unit.tid, None)
             unit.state = "done"
             if worker is not None:
-                worker.done += 1
-                worker.progress_at = now
+                finished += 1
                 t = meta.get("t")
                 if t is not None:
                     worker.observe(t)  # per unit: prefetch counts units, batches included
-            self.counts[COUNTED.get(status, "failed")] += 1
-            meta["w"] = _worker_label(worker)
-            unit_frames = frames[start:start + n]
-            unit_digests = protocol.frame_digests(header, start, start + n)
-            self._keep_result(unit, status, unit_frames, meta, unit_digests)
+            counts[COUNTED.get(status, "failed")] += 1
+            meta["w"] = label
+            unit_frames = frames[start:pos]
+            unit_digests = protocol.frame_digests(header, start, pos) if big else {}
+            if "k" in unit.meta:
+                self._keep_result(unit, status, unit_frames, meta, unit_digests)
             settled.append((unit, status, unit_frames, meta, unit_digests))
             if delivered:
                 continue
@@ -241,6 +249,9 @@ class WorkerSide:
                 digests[base + i] = d
             out_frames.extend(unit_frames)
             entries.append([unit.tid, status, n, meta])
+        if finished:
+            worker.done += finished
+            worker.progress_at = now
         for client, (entries, out_frames, digests) in outgoing.items():
             if client:  # (none for a periodic run, or a restored task not yet resumed)
                 self._send(client, Kind.RESULTS, {"r": entries}, out_frames, digests)
