@@ -52,3 +52,17 @@ def test_cpu_per_task_reports_every_process(tmp_path):
         assert figures["tasks_per_s"] > 0
         assert set(figures["cpu_us_per_task"]) == {"client", "broker", "worker"}
         assert all(v >= 0 for v in figures["cpu_us_per_task"].values())
+
+
+@pytest.mark.timeout(120)
+def test_ab_runs_the_tree_and_a_revision_in_turn_and_counts_the_pairs():
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: there is no other revision to compare with")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ab.py"), "--pairs", "2", "--size", "100"],
+        capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["pair 1", "pair 2"]
+    assert "tree median_us" in lines[0] and "HEAD median_us" in lines[0]
+    assert lines[-1].startswith("the working tree did better in ") and "of 2 pairs" in lines[-1]
