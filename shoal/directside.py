@@ -97,8 +97,7 @@ class DirectUnits:
         self.counts[COUNTED[status]] += 1
         meta["w"] = worker.name
         if key and "m" not in unit_meta:  # (a map's batch is its client's to read)
-            for gone in self.kept.put(key, status, frames, meta, {}):
-                self._release_result(gone)
+            self._keep_by_id(key, status, frames, meta, {})
         return True
 
     def _reported_outcomes(self: "Broker", base: int, name: str, outcomes: dict) -> None:

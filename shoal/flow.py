@@ -159,6 +159,13 @@ class Flow:
             self._release_objects([key])
 
     # ------------------------------------------------------------ outcomes
+    def _keep_by_id(self: "Broker", key: bytes, status: str, frames: list, meta: dict,
+                    digests: dict) -> None:
+        """Keep a finished task's result for requests by id and the tasks that take it,
+        releasing the older results that it pushes out."""
+        for gone in self.kept.put(key, status, frames, meta, digests):
+            self._release_result(gone)
+
     def _settled(self: "Broker", unit: Unit, status: str, frames: list = (), meta: Optional[dict] = None,
                  digests: Optional[dict] = None) -> None:
         """``unit`` reached its end (any status): keep its result, tell those
@@ -172,8 +179,7 @@ class Flow:
             self._unuse(dep)
         if "m" not in unit.meta and key and "sb" not in meta:
             # (A result in shared memory is its client's: not kept.)
-            for gone in self.kept.put(key, status, frames, meta, digests):
-                self._release_result(gone)
+            self._keep_by_id(key, status, frames, meta, digests)
         if self.durable.durable:
             self.durable.unit_removed(unit)
             if key and "sb" not in meta:  # every task's, maps too: a resuming client asks
