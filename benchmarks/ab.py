@@ -8,11 +8,11 @@
 On a small shared machine, figures taken a few minutes apart differ by more
 than most changes make (the round trip's median moved 190 -> 260 us in an
 evening here, on the same code).  So this exports the other revision's
-``shoal/`` with ``git archive``, then runs the workload in a fresh process for
-each side in turn (which goes first alternates: the first of two runs back to
-back measured a few us faster on the same code), ``--pairs`` times, each on its
-own 2-worker cluster, and prints every pair, the means, and in how many pairs
-the working tree did better.
+``shoal/`` with ``git archive``, then runs the workload, timed as compare.py
+times it, in a fresh process for each side in turn (which goes first
+alternates: the first of two runs back to back measured a few us faster on the
+same code), ``--pairs`` times, each on its own 2-worker cluster, and prints
+every pair, the means, and in how many pairs the working tree did better.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,46 +31,26 @@ ROOT = os.path.dirname(HERE)
 WORKLOADS = {
     "round-trip": (("median_us", "p99_us"), "median_us", False),
     "submit": (("per_s",), "per_s", True),
-    "small-map": (("median_us", "p90_us"), "median_us", False),
+    "small-map": (("median_us",), "median_us", False),
 }
 
 
 def run_workload(name: str, size: int) -> dict:
-    """Run one workload on a fresh 2-worker cluster of the shoal on ``sys.path``."""
-    import shoal
-    from bench_tasks import inc
-    with shoal.Cluster(2) as cluster:
-        client = cluster.client()
-        for i in range(200):  # warm-up: function cached, direct links open
-            client.submit(inc, i).result()
+    """Run one workload, as compare.py's peers.py times it, on a fresh 2-worker
+    cluster of the shoal on ``sys.path``."""
+    import peers
+    from adapters import Shoal
+    adapter = Shoal(timeout=60.0)
+    adapter.start(2)
+    try:
         if name == "round-trip":
-            samples = []
-            for i in range(size):
-                start = time.perf_counter()
-                client.submit(inc, i).result()
-                samples.append(time.perf_counter() - start)
-            samples.sort()
-            return {"median_us": statistics.median(samples) * 1e6,
-                    "p99_us": samples[int(0.99 * len(samples))] * 1e6}
+            figures = peers.bench_latency(adapter, size, 3)
+            return {"median_us": figures["latency_median_us"], "p99_us": figures["latency_p99_us"]}
         if name == "submit":
-            rates = []
-            for _ in range(5):
-                start = time.perf_counter()
-                futures = [client.submit(inc, i) for i in range(size)]
-                shoal.wait(futures)
-                rates.append(size / (time.perf_counter() - start))
-            return {"per_s": statistics.median(rates)}
-        expected = list(range(1, 11))
-        for _ in range(50):
-            assert client.map(inc, range(10)).result() == expected
-        samples = []
-        for _ in range(size):
-            start = time.perf_counter()
-            client.map(inc, range(10)).result()
-            samples.append(time.perf_counter() - start)
-        samples.sort()
-        return {"median_us": statistics.median(samples) * 1e6,
-                "p90_us": samples[int(0.9 * len(samples))] * 1e6}
+            return {"per_s": peers.bench_submit(adapter, size, 3)["submit_per_s"]}
+        return {"median_us": peers.bench_small_map(adapter, 10, 2, size)["small_map_us"]}
+    finally:
+        adapter.stop()
 
 
 def side(source: str, workload: str, size: int) -> dict:
